@@ -1,0 +1,201 @@
+"""Attention backend registry: every attention call in wanspeed goes through here.
+
+Two operations, both on `[B, L, N, D]` tensors (B batch, L tokens, N heads, D head dim):
+
+- `attention(q, k, v, k_lens=None)`: softmax(q k^T / sqrt(D)) v, keys past `k_lens[b]` masked.
+- `multi_path_attention(q, paths)`: Wan's cross-attention with reference paths,
+  `sum_s softmax(q k_s^T / sqrt(D)) v_s`. Each path has its OWN softmax, so this is not
+  attention over the concatenated keys. A path whose key length is 0 for a sample adds 0.
+
+A backend implements `attention` and may override `multi_path_attention` with a fused kernel
+(the Triton backend does); the default sums separate `attention` calls.
+
+Selection, first match wins: the `backend=` argument (the model config's `attn_backend`), the
+`WANSPEED_ATTN_BACKEND` environment variable, then `sdpa`. Asking for a backend that cannot run
+here raises `AttentionBackendUnavailable` with the reason; there is no silent fallback.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ENV_VAR = "WANSPEED_ATTN_BACKEND"
+DEFAULT_BACKEND = "sdpa"
+
+
+class AttentionBackendUnavailable(RuntimeError):
+    """A requested attention backend is unknown or cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class KVPath:
+    """One key/value set of a multi-path attention.
+
+    k, v: [B, Lk, N, D]. lens: optional [B] int, the valid key count per sample (<= Lk).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: Optional[torch.Tensor] = None
+
+
+def _key_padding_mask(k_lens: torch.Tensor, lk: int) -> torch.Tensor:
+    """[B] lengths -> [B, 1, 1, Lk] bool mask, True where the key is attended."""
+    return (torch.arange(lk, device=k_lens.device)[None, :] < k_lens[:, None])[:, None, None, :]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   k_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on [B, L, N, D] inputs; returns [B, Lq, N, D].
+
+    q and k are cast to v's dtype (Wan's rope returns fp32 while v may be bf16 under autocast).
+    """
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    mask = None
+    empty = None
+    if k_lens is not None:
+        k_lens = k_lens.to(device=q.device)
+        empty = k_lens == 0
+        # An all-masked row makes softmax NaN: let such samples see key 0, zero them below.
+        mask = _key_padding_mask(torch.where(empty, torch.ones_like(k_lens), k_lens), k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)  # [B, N, Lq, D]
+    out = out.transpose(1, 2)
+    if empty is not None and bool(empty.any()):
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out
+
+
+class AttentionBackend:
+    """Base class: `attention` is required; `multi_path_attention` sums per-path calls."""
+
+    name: str = ""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when the backend can run here, else a sentence saying why not."""
+        return None
+
+    def attention(self, q, k, v, k_lens=None):
+        raise NotImplementedError
+
+    def multi_path_attention(self, q: torch.Tensor, paths: Sequence[KVPath]) -> torch.Tensor:
+        out = None
+        for p in paths:
+            term = self.attention(q, p.k, p.v, p.lens)
+            out = term if out is None else out + term
+        if out is None:
+            raise ValueError("multi_path_attention needs at least one key/value path")
+        return out
+
+
+class SDPABackend(AttentionBackend):
+    name = "sdpa"
+
+    def attention(self, q, k, v, k_lens=None):
+        return sdpa_attention(q, k, v, k_lens)
+
+
+class FlashAttnBackend(AttentionBackend):
+    """flash-attn 2 (`flash_attn_varlen_func` when lengths differ). Imported lazily, CUDA only."""
+
+    name = "flash_attn"
+
+    def unavailable_reason(self):
+        if importlib.util.find_spec("flash_attn") is None:
+            return "the flash_attn package is not importable (pip install flash-attn on a CUDA machine)"
+        if not torch.cuda.is_available():
+            return "flash_attn needs a CUDA device and none is available"
+        return None
+
+    def attention(self, q, k, v, k_lens=None):
+        import flash_attn  # noqa: PLC0415  (optional dependency, imported on use only)
+
+        dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        if k_lens is None:
+            return flash_attn.flash_attn_func(q, k, v)
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        k_lens = k_lens.to(device=q.device, dtype=torch.int32)
+        keep = _key_padding_mask(k_lens, lk).view(b, lk)
+        cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(0, (b + 1) * lq, lq, device=q.device, dtype=torch.int32)
+        out = flash_attn.flash_attn_varlen_func(
+            q.flatten(0, 1), k[keep], v[keep], cu_q, cu_k, lq, int(k_lens.max()))
+        out = out.unflatten(0, (b, lq))
+        return out.masked_fill((k_lens == 0)[:, None, None, None], 0.0)
+
+
+_REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
+_INSTANCES: dict[str, AttentionBackend] = {}
+
+
+def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
+    """Register a backend under `name`; the factory runs on first use (no work at import)."""
+    _REGISTRY[name] = factory
+    _INSTANCES.pop(name, None)
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """Every registered backend name -> None if usable here, else the reason it is not."""
+    return {name: _instance(name).unavailable_reason() for name in sorted(_REGISTRY)}
+
+
+def _instance(name: str) -> AttentionBackend:
+    if name not in _INSTANCES:
+        _INSTANCES[name] = _REGISTRY[name]()
+    return _INSTANCES[name]
+
+
+def resolve_backend_name(name: Optional[str] = None) -> str:
+    return name or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+
+
+def get_backend(name: Optional[str] = None) -> AttentionBackend:
+    """The backend for `name` (argument > $WANSPEED_ATTN_BACKEND > sdpa), checked usable."""
+    resolved = resolve_backend_name(name)
+    source = "argument/config" if name else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "default")
+    if resolved not in _REGISTRY:
+        raise AttentionBackendUnavailable(
+            f"unknown attention backend {resolved!r} (from {source}); "
+            f"registered: {', '.join(sorted(_REGISTRY))}")
+    backend = _instance(resolved)
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        raise AttentionBackendUnavailable(
+            f"attention backend {resolved!r} (from {source}) is unavailable: {reason}")
+    return backend
+
+
+def attention(q, k, v, k_lens=None, backend: Optional[str] = None) -> torch.Tensor:
+    """Single-path attention on [B, L, N, D]; see the module docstring."""
+    return get_backend(backend).attention(q, k, v, k_lens)
+
+
+def multi_path_attention(q, paths: Sequence[KVPath], backend: Optional[str] = None) -> torch.Tensor:
+    """Sum of per-path softmax attentions on [B, L, N, D]; see the module docstring."""
+    return get_backend(backend).multi_path_attention(q, paths)
+
+
+def multi_path_attention_ref(q, paths: Sequence[KVPath]) -> torch.Tensor:
+    """Plain-PyTorch reference (explicit softmax, any dtype incl. float64) for tests.
+
+    q: [B, Lq, N, D]; returns [B, Lq, N, D] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    out = torch.zeros_like(q)
+    for p in paths:
+        s = torch.einsum("bqnd,bknd->bnqk", q, p.k.to(q.dtype)) * scale
+        if p.lens is not None:
+            s = s.masked_fill(~_key_padding_mask(p.lens.to(q.device), p.k.shape[1]), float("-inf"))
+        w = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a zero-length path gives an all-NaN row
+        out = out + torch.einsum("bnqk,bknd->bqnd", w, p.v.to(q.dtype))
+    return out
+
+
+register_backend("sdpa", SDPABackend)
+register_backend("flash_attn", FlashAttnBackend)
