@@ -45,5 +45,5 @@ setup(
     package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
-    entry_points={"console_scripts": ["wanspeed=launch.cli:main"]},
+    entry_points={"console_scripts": ["wanspeed=ds_trainer.cli:main"]},
 )

@@ -20,10 +20,14 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 if [ "$(cat "$VENV/.wanspeed-stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
-    echo "[wanspeed] installing dependencies into $VENV (first run takes a few minutes)" >&2
-    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
-    "$VENV/bin/python" -m pip install -q "$TORCH_PIN" >&2
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]" >&2
+    echo "[wanspeed] installing dependencies into $VENV (first run takes a few minutes; log: $VENV/install.log)" >&2
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip setuptools wheel \
+           && "$VENV/bin/python" -m pip install "$TORCH_PIN" \
+           && "$VENV/bin/python" -m pip install -e "$ROOT[dev]"; } > "$VENV/install.log" 2>&1; then
+        tail -n 40 "$VENV/install.log" >&2
+        echo "[wanspeed] installation failed; full log in $VENV/install.log" >&2
+        exit 1
+    fi
     stamp_of > "$VENV/.wanspeed-stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -39,6 +39,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 TRAINING_DICT_ENTRIES = ("generator", "model", "state_dict")  # generator_ema first when use_ema
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "_fsdp_wrapped_module.")
+OFFICIAL_CONFIG_KEYS = ("model_type", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim",
+                        "num_heads", "num_layers", "eps")
 ROPE_HEAD_DIM = 128  # every released Wan2.1 model; used only to infer num_heads from shapes
 
 
@@ -284,8 +286,11 @@ def save_diffusers_dir(model: nn.Module | Mapping[str, torch.Tensor], config: Wa
     sd = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
     cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0"}
-    cfg.update({k: config.to_dict()[k] for k in ("model_type", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim",
-                                                "out_dim", "num_heads", "num_layers", "eps")})
+    values, defaults = config.to_dict(), WanConfig().to_dict()
+    cfg.update({k: values[k] for k in OFFICIAL_CONFIG_KEYS})
+    # Fields the official config.json omits are written only when they differ from the default,
+    # so a real-size export looks exactly like the released one.
+    cfg.update({k: v for k, v in values.items() if k not in OFFICIAL_CONFIG_KEYS and v != defaults[k]})
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     if max_shard_bytes is None:
         save_file(sd, str(out / WEIGHTS_NAME))

@@ -1,0 +1,43 @@
+"""`wanspeed` command line: one subcommand per job, each module imported only when used.
+
+A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional
+
+# name -> (module, one-line help); later jobs add rows here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("ds_trainer.demo", "run the main job on its embedded tiny default (CPU, a few seconds)"),
+    "info": ("ds_trainer.info", "versions, attention backends and model presets on this machine"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+    return f"usage: wanspeed <command> [options]\n\ncommands:\n{rows}\n\n'wanspeed <command> --help' for a command's options."
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"wanspeed: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"wanspeed {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
