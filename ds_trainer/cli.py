@@ -14,6 +14,7 @@ from typing import Optional
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ds_trainer.demo", "run the main job on its embedded tiny default (CPU, a few seconds)"),
     "info": ("ds_trainer.info", "versions, attention backends and model presets on this machine"),
+    "bench": ("kernels.bench.cli", "kernel microbenchmarks side by side with the stock paths (bench kernels)"),
 }
 
 

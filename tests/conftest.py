@@ -4,6 +4,10 @@ import os
 import pytest
 import torch
 
+# Triton kernels run in the interpreter on CPU; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tolerances for "fp32 computation vs the same module evaluated in float64".
 FP32_VS_FP64 = dict(rtol=1e-4, atol=1e-5)
 
