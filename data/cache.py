@@ -1,0 +1,177 @@
+"""Encoder-output cache: precompute what the frozen encoders produce, so training needs none of
+T5, CLIP or the VAE.
+
+Per sample: video latents [16, F, h, w], reference VAE latents [R, 16, 1, hr, wr], reference CLIP
+tokens [R, K, C] (if a CLIP encoder is configured), T5 tokens [L, 4096] (the valid tokens only).
+Samples are keyed by a content hash of (encoder weights identity, resolution, frame indices,
+clip key, prompt, chosen subjects). The random choices (frame start, subjects) are those of
+epoch 0 and are FIXED per cached sample: training from the cache sees the same frames each epoch.
+
+Layout: `<dir>/shard-r<rank>-<n>.safetensors` (written under a temporary name, then renamed) and
+`<dir>/manifest-r<rank>.jsonl`, one line per sample, appended only after its shard is on disk.
+Each rank encodes indices rank, rank + W, ...; a restarted job skips hashes already in any
+manifest (resume), so a crash loses at most one unflushed shard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+MANIFEST_GLOB = "manifest-r*.jsonl"
+TENSOR_NAMES = ("latents", "ref_vae", "ref_clip", "context")
+
+
+@dataclass
+class CacheStats:
+    encoded: int = 0
+    already_cached: int = 0
+    skipped_bad: int = 0
+
+
+def read_manifests(cache_dir: Path) -> list[dict[str, Any]]:
+    """Every cached sample's manifest row, in a stable order (rank files, then line order).
+    A torn last line (a crash while appending) is ignored."""
+    rows = []
+    for path in sorted(Path(cache_dir).glob(MANIFEST_GLOB)):
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d: ignoring a torn manifest line", path, n)
+    return rows
+
+
+@torch.no_grad()
+def encode_sample(encoders, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Run the frozen encoders on one dataset sample (see data/opens2v.py for its shapes)."""
+    vae, dev = encoders.vae, encoders.vae.model.device
+    out = {"latents": vae.encode(sample["video"][None].to(dev, vae.dtype))[0].float().cpu()}
+    refs = sample["subject_images"].to(dev, vae.dtype)                     # [R, 3, Hs, Ws]
+    out["ref_vae"] = vae.encode(refs[:, :, None]).float().cpu()             # [R, 16, 1, hr, wr]
+    if encoders.clip is not None:
+        out["ref_clip"] = encoders.clip.encode(refs).float().cpu()          # [R, K, C]
+    context, lens = encoders.t5.encode([sample["prompt"]])
+    out["context"] = context[0, : int(lens[0])].float().cpu()                # [L, C]
+    return out
+
+
+class CacheWriter:
+    """Buffers encoded samples and flushes them as one shard + manifest rows."""
+
+    def __init__(self, cache_dir: Path, rank: int, shard_size: int = 32):
+        self.dir, self.rank, self.shard_size = Path(cache_dir), rank, shard_size
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.buffer: list[tuple[dict, dict[str, torch.Tensor]]] = []
+        existing = list(self.dir.glob(f"shard-r{rank}-*.safetensors"))
+        self.next_shard = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in existing), default=-1)
+
+    def add(self, row: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.buffer.append((row, tensors))
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"shard-r{self.rank}-{self.next_shard:05d}.safetensors"
+        flat = {f"{row['hash']}/{k}": v.contiguous() for row, t in self.buffer for k, v in t.items()}
+        tmp = self.dir / (name + ".tmp")
+        save_file(flat, str(tmp))
+        os.replace(tmp, self.dir / name)
+        with (self.dir / f"manifest-r{self.rank}.jsonl").open("a") as fh:
+            for row, tensors in self.buffer:
+                fh.write(json.dumps({**row, "shard": name, "tensors": sorted(tensors)}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.next_shard += 1
+        self.buffer.clear()
+
+
+def build_cache(dataset, encoders, cache_dir: str | Path, rank: int = 0, world_size: int = 1, shard_size: int = 32,
+                progress: Optional[Callable[[Iterable], Iterable]] = None) -> CacheStats:
+    """Encode this rank's share of an OpenS2V (Multi)dataset into `cache_dir` (resumable)."""
+    cache_dir = Path(cache_dir)
+    done = {row["hash"] for row in read_manifests(cache_dir)}
+    writer, stats = CacheWriter(cache_dir, rank, shard_size), CacheStats()
+    indices = range(rank, len(dataset), world_size)
+    for index in (progress(indices) if progress else indices):
+        part, local = dataset.locate(index) if hasattr(dataset, "locate") else (dataset, index)
+        try:
+            fingerprint = part.plan(local).fingerprint(part.options, extra=encoders.identity)
+        except Exception as err:  # a broken annotation: the dataset will count and replace it
+            fingerprint = None
+            log.debug("cannot plan sample %d: %s", index, err)
+        if fingerprint in done:
+            stats.already_cached += 1
+            continue
+        sample = part[local]
+        if sample["index"] != local:  # bad sample, replaced: cache the replacement under its own hash
+            stats.skipped_bad += 1
+            fingerprint = part.plan(sample["index"]).fingerprint(part.options, extra=encoders.identity)
+            if fingerprint in done:
+                continue
+        row = {"hash": fingerprint, "key": sample["key"], "prompt": sample["prompt"], "index": index,
+               "frame_indices": sample["frame_indices"].tolist(), "subject_counts": int(sample["subject_images"].shape[0])}
+        writer.add(row, encode_sample(encoders, sample))
+        done.add(fingerprint)
+        stats.encoded += 1
+    writer.flush()
+    return stats
+
+
+class CachedOpenS2VDataset(Dataset):
+    """Training samples read back from the cache: no encoder is loaded.
+
+    Sample: latents [16, F, h, w], ref_vae [R, 16, 1, hr, wr], ref_clip [R, K, C] (if cached),
+    context [L, C], prompt, key, index.
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        self.dir = Path(cache_dir)
+        self.rows = read_manifests(self.dir)
+        if not self.rows:
+            raise ValueError(f"{self.dir}: no cached samples (run `wanspeed cache --config ...` first)")
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _shard(self, name: str):
+        if name not in self._handles:  # one open handle per shard and worker process
+            self._handles[name] = safe_open(str(self.dir / name), framework="pt", device="cpu")
+        return self._handles[name]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        shard = self._shard(row["shard"])
+        sample = {name: shard.get_tensor(f"{row['hash']}/{name}") for name in row["tensors"]}
+        return {**sample, "prompt": row["prompt"], "key": row["key"], "index": index}
+
+    def __getstate__(self):  # open safetensors handles do not pickle into dataloader workers
+        return {**self.__dict__, "_handles": {}}
+
+
+def collate_cached_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """latents [B, 16, F, h, w]; ref_vae [B, R, 16, 1, hr, wr]; ref_clip [B, R, K, C];
+    context [B, Lmax, C] zero-padded with context_lens [B]; prompts, keys, indices."""
+    lens = torch.tensor([s["context"].shape[0] for s in samples])
+    ctx = torch.zeros(len(samples), int(lens.max()), samples[0]["context"].shape[-1])
+    for i, s in enumerate(samples):
+        ctx[i, : lens[i]] = s["context"]
+    out = {"latents": torch.stack([s["latents"] for s in samples]), "context": ctx, "context_lens": lens,
+           "ref_vae": torch.stack([s["ref_vae"] for s in samples]),
+           "prompts": [s["prompt"] for s in samples], "keys": [s["key"] for s in samples],
+           "indices": torch.tensor([s["index"] for s in samples])}
+    if "ref_clip" in samples[0]:
+        out["ref_clip"] = torch.stack([s["ref_clip"] for s in samples])
+    return out

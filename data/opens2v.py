@@ -1,0 +1,305 @@
+"""OpenS2V subject-to-video datasets (names as in the OpenS2V seed guide).
+
+A sample: `num_training_frames` latent frames' worth of pixel frames (4 (n - 1) + 1) sampled from
+the clip's `face_cut` range with `sample_stride`, decoded with decord (only those frames),
+cropped with `metadata.crop`, cover-resized to height x width in [-1, 1]; the subject image(s)
+cut out of the annotated frame with their COCO RLE masks (on white), letterboxed to the
+reference size; the caption; the key and scores. Random choices (frame start, random subjects)
+are drawn from (seed, epoch, index), so a resumed run sees exactly the same samples.
+
+A bad sample (see data/skips.py) is replaced by the next good index and counted; the replacement
+keeps every rank's batch count equal.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.annotations import ClipAnnotation, SubjectAnnotation, load_annotation_file, parse_entry
+from data.cross_frames import CrossFramePairs
+from data.skips import BadSample, SkipLedger, TooManyBadSamples
+from data.subjects import (SUBJECT_SELECTIONS, cut_out, decode_mask, frame_for_mask, letterbox,
+                           select_subjects)
+from data.video import (crop_box, load_clip, load_rgb_image, open_video, pixel_frames, read_frames,
+                        resize_cover, sample_frame_indices, to_model_range)
+
+log = logging.getLogger(__name__)
+MAX_REPLACEMENT_TRIES = 64  # consecutive bad samples tolerated while looking for a replacement
+
+
+@dataclass
+class OpenS2VSampleOptions:
+    """What each sample holds and how it is drawn (the seed config's `opens2v` fields)."""
+
+    num_training_frames: int = 21
+    """Latent frames; pixel frames = 4 (n - 1) + 1 (21 -> 81)."""
+    height: int = 480
+    width: int = 832
+    sample_stride: int = 3
+    """Pixel-frame stride inside `face_cut` (the OpenS2V loader's default)."""
+    max_subjects_per_sample: int = 1
+    subject_selection: str = "first"
+    """'first', 'random' or 'best_score' (highest aesthetic score)."""
+    subject_size: Optional[tuple[int, int]] = None
+    """(height, width) of the subject images; None = the video size (one VAE token per latent
+    position of a full frame, as the reference path expects)."""
+    return_foreground: bool = False
+    """Also return the full annotated frame (cover-resized)."""
+    return_background: bool = False
+    """Also return the inpainted background image; a missing one then skips the sample."""
+    is_cross_frame: bool = False
+    """Take the subject from another clip of the same source video (step-6 pairs)."""
+    image_policy: str = "convert"
+    """RGBA / grayscale / 16-bit images: 'convert' (alpha on white, to 8-bit RGB) or 'skip'."""
+    max_bad_fraction: float = 0.2
+    """Stop with an error naming the worst file once more than this share of samples is bad."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.subject_selection not in SUBJECT_SELECTIONS:
+            raise ValueError(f"opens2v.subject_selection must be one of {SUBJECT_SELECTIONS}, "
+                             f"got {self.subject_selection!r}")
+        if self.max_subjects_per_sample < 1:
+            raise ValueError("opens2v.max_subjects_per_sample must be >= 1")
+        if self.sample_stride < 1:
+            raise ValueError("opens2v.sample_stride must be >= 1")
+        if self.image_policy not in ("convert", "skip"):
+            raise ValueError(f"opens2v.image_policy must be 'convert' or 'skip', got {self.image_policy!r}")
+        pixel_frames(self.num_training_frames)  # validates
+
+    @property
+    def reference_size(self) -> tuple[int, int]:
+        return tuple(self.subject_size) if self.subject_size else (self.height, self.width)
+
+
+@dataclass
+class SamplePlan:
+    """What a sample will be: its clip, frame indices, and the clip and subjects of its reference."""
+
+    ann: ClipAnnotation
+    frame_indices: np.ndarray
+    subject_source: ClipAnnotation
+    subjects: list[SubjectAnnotation]
+
+    def fingerprint(self, options: OpenS2VSampleOptions, extra: str = "") -> str:
+        """Content hash of everything that determines the sample's encoder outputs."""
+        payload = dict(key=self.ann.key, prompt=self.ann.caption, frames=self.frame_indices.tolist(),
+                       size=[options.height, options.width], ref_size=list(options.reference_size),
+                       ref=[self.subject_source.key] + [s.ann_id for s in self.subjects], crop=self.ann.crop,
+                       video=self.ann.video_relpath, extra=extra)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class OpenS2VAdapterDataset(Dataset):
+    """One OpenS2V dataset part: an annotation JSON, its video directory and its backgrounds."""
+
+    def __init__(self, json_path: str | Path, video_base_path: str | Path, background_base_path: str | Path | None,
+                 options: Optional[OpenS2VSampleOptions] = None, cross_frames: Optional[CrossFramePairs] = None,
+                 **option_overrides: Any):
+        self.options = options or OpenS2VSampleOptions(**option_overrides)
+        self.json_path = Path(json_path)
+        self.video_base = Path(video_base_path)
+        self.background_base = Path(background_base_path) if background_base_path else None
+        if not self.video_base.is_dir():
+            raise ValueError(f"opens2v.video_base_paths: {self.video_base} is not a directory")
+        self.entries = load_annotation_file(self.json_path)
+        self.keys = sorted(self.entries)
+        if not self.keys:
+            raise ValueError(f"{self.json_path}: no clips in the annotation file")
+        self.cross_frames = cross_frames
+        if self.options.is_cross_frame and cross_frames is None:
+            raise ValueError("opens2v.is_cross_frame needs the step-6 cross-frame files "
+                             "(cross_frames_cluster_path / cross_frames_base_path)")
+        self.ledger = SkipLedger(max_bad_fraction=self.options.max_bad_fraction)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-seed the per-sample random choices for a new epoch (call before iterating)."""
+        self.epoch = epoch
+
+    def annotation(self, index: int) -> ClipAnnotation:
+        key = self.keys[index]
+        return parse_entry(key, self.entries[key], str(self.json_path))
+
+    # ------------------------------------------------------------------------------- sampling
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped = []
+        for attempt in range(MAX_REPLACEMENT_TRIES):
+            i = (index + attempt) % len(self)
+            try:
+                sample = self.load(i)
+            except BadSample as err:
+                skipped.append((err.kind, err.path))
+                self.ledger.record(err)
+                continue
+            self.ledger.ok()
+            sample["index"], sample["requested_index"], sample["skipped"] = i, index, skipped
+            return sample
+        raise TooManyBadSamples(f"{MAX_REPLACEMENT_TRIES} consecutive bad samples from index {index} in "
+                                f"{self.json_path}; {self.ledger.summary()}")
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.options.seed, self.epoch, index])
+
+    def plan(self, index: int) -> SamplePlan:
+        """The sample's annotation and random choices, without decoding anything."""
+        opt, ann = self.options, self.annotation(index)
+        rng = self.rng(index)
+        indices = sample_frame_indices(*ann.face_cut, pixel_frames(opt.num_training_frames), opt.sample_stride, rng)
+        source, chosen = ann, select_subjects(ann.subjects, opt.subject_selection, opt.max_subjects_per_sample, rng)
+        if opt.is_cross_frame:
+            pair = self.cross_frames.pick(ann.key, rng)
+            if pair is not None:
+                source, chosen = pair
+        return SamplePlan(ann, indices, source, chosen)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """One sample, or BadSample. Shapes: video [3, T, H, W], subject_images [R, 3, Hs, Ws]."""
+        opt, plan = self.options, self.plan(index)
+        ann, indices = plan.ann, plan.frame_indices
+        video = load_clip(self.video_base / ann.video_relpath, indices, ann.crop, opt.height, opt.width)
+        subjects, frame = self._subjects(plan)
+        sample = {
+            "video": video, "prompt": ann.caption, "key": ann.key, "frame_indices": torch.from_numpy(indices),
+            "subject_images": torch.stack([s["image"] for s in subjects]),
+            "subject_class_names": [s["class_name"] for s in subjects],
+            "subject_gme_scores": torch.tensor([s["gme_score"] for s in subjects]),
+            "subject_aes_scores": torch.tensor([s["aes_score"] for s in subjects]),
+            "scores": {k: ann.scores.get(k, float("nan")) for k in ("tech", "motion", "aesthetic")},
+        }
+        if opt.return_foreground:
+            sample["foreground_image"] = self._resize_image(frame)
+        if opt.return_background:
+            sample["background_image"] = self._resize_image(self._background(ann))
+        return sample
+
+    def _subjects(self, plan: SamplePlan) -> tuple[list[dict], np.ndarray]:
+        opt, ann, source, chosen = self.options, plan.ann, plan.subject_source, plan.subjects
+        where = f"{source.json_path}[{source.key}]"
+        path = self._video_of(source)
+        frame = read_frames(open_video(path), path, [source.ann_frame_idx])[0]
+        out = []
+        for subj in chosen:
+            mask = decode_mask(subj.rle, where)
+            img = cut_out(frame_for_mask(frame, mask, source.crop, where), mask)
+            out.append({"image": letterbox(img, *opt.reference_size), "class_name": subj.class_name,
+                        "gme_score": subj.gme_score, "aes_score": subj.aes_score})
+        return out, crop_box(frame, ann.crop, str(path)) if source is ann else frame
+
+    def _video_of(self, ann: ClipAnnotation) -> Path:
+        base = self.cross_frames.video_base_for(ann.key) if (self.cross_frames and ann.key not in self.entries) else self.video_base
+        return base / ann.video_relpath
+
+    def _resize_image(self, image: np.ndarray) -> torch.Tensor:
+        """[h, w, 3] uint8 -> [3, H, W] in [-1, 1], cover-resized like the video."""
+        return resize_cover(to_model_range(image[None]), self.options.height, self.options.width)[0].clamp_(-1, 1)
+
+    def _background(self, ann: ClipAnnotation) -> np.ndarray:
+        """`<background_base_path>/<key>.png` with the fallbacks real data needs (OpenS2V #7:
+        step 5-2 writes `<key>_step5.png`; keys may carry a `_step6` suffix; some parts name
+        files after the video)."""
+        if self.background_base is None:
+            raise ValueError("opens2v.background_base_paths is required when return_background is on")
+        key = ann.key
+        stems = [key, f"{key}_step5", key.removesuffix("_step6"), key.removesuffix("_step6") + "_step5",
+                 Path(ann.video_relpath).stem]
+        for stem in dict.fromkeys(stems):
+            path = self.background_base / f"{stem}.png"
+            if path.is_file():
+                return load_rgb_image(path, self.options.image_policy)
+        raise BadSample("missing-background", str(self.background_base / f"{key}.png"),
+                        f"no background image (tried {', '.join(s + '.png' for s in dict.fromkeys(stems))})")
+
+
+class MultiPartOpenS2VAdapterDataset(torch.utils.data.ConcatDataset):
+    """Several OpenS2V parts in one run: `json_paths`, `video_base_paths` and
+    `background_base_paths` are zipped (lists of equal length)."""
+
+    def __init__(self, json_paths: list, video_base_paths: list, background_base_paths: Optional[list] = None,
+                 options: Optional[OpenS2VSampleOptions] = None, cross_frames: Optional[CrossFramePairs] = None,
+                 **option_overrides: Any):
+        background_base_paths = background_base_paths or [None] * len(json_paths)
+        lengths = {"json_paths": len(json_paths), "video_base_paths": len(video_base_paths),
+                   "background_base_paths": len(background_base_paths)}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"opens2v path lists must have equal lengths, got {lengths}")
+        options = options or OpenS2VSampleOptions(**option_overrides)
+        parts = [OpenS2VAdapterDataset(j, v, b, options, cross_frames)
+                 for j, v, b in zip(json_paths, video_base_paths, background_base_paths)]
+        super().__init__(parts)
+        self.options = options
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
+
+    @property
+    def ledgers(self) -> list[SkipLedger]:
+        return [part.ledger for part in self.datasets]
+
+    def locate(self, index: int) -> tuple[OpenS2VAdapterDataset, int]:
+        """The part holding global `index` and the index inside it."""
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        return self.datasets[part], index - (self.cumulative_sizes[part - 1] if part else 0)
+
+
+@dataclass
+class OpenS2VBatch:
+    """A collated batch. video [B, 3, T, H, W]; subject_images [B, R, 3, Hs, Ws] padded with white
+    images past subject_counts [B]; prompts, keys: lists of B strings; aes/gme scores [B, R];
+    tech/motion/aesthetic [B]; indices [B] (the dataset index actually loaded); skipped: every
+    (kind, path) replaced while building the batch."""
+
+    video: torch.Tensor
+    subject_images: torch.Tensor
+    subject_counts: torch.Tensor
+    prompts: list[str]
+    keys: list[str]
+    subject_aes_scores: torch.Tensor
+    subject_gme_scores: torch.Tensor
+    scores: dict[str, torch.Tensor]
+    indices: torch.Tensor
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def collate_opens2v_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
+    """Stack samples; pad subjects to the batch's largest count with white images (value 1.0)."""
+    r = max(s["subject_images"].shape[0] for s in samples)
+
+    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+        extra = r - t.shape[0]
+        return t if extra == 0 else torch.cat([t, t.new_full((extra, *t.shape[1:]), value)])
+
+    extras = {name: torch.stack([s[name] for s in samples])
+              for name in ("foreground_image", "background_image") if name in samples[0]}
+    return OpenS2VBatch(
+        video=torch.stack([s["video"] for s in samples]),
+        subject_images=torch.stack([pad(s["subject_images"], 1.0) for s in samples]),
+        subject_counts=torch.tensor([s["subject_images"].shape[0] for s in samples]),
+        prompts=[s["prompt"] for s in samples], keys=[s["key"] for s in samples],
+        subject_aes_scores=torch.stack([pad(s["subject_aes_scores"], 0.0) for s in samples]),
+        subject_gme_scores=torch.stack([pad(s["subject_gme_scores"], 0.0) for s in samples]),
+        scores={k: torch.tensor([s["scores"][k] for s in samples]) for k in ("tech", "motion", "aesthetic")},
+        indices=torch.tensor([s["index"] for s in samples]),
+        skipped=[x for s in samples for x in s["skipped"]], extras=extras)
+
+
+def create_opens2v_dataloader(dataset: Dataset, batch_size: int = 1, sampler=None, num_workers: int = 2,
+                              pin_memory: bool = False, prefetch_factor: int = 2) -> DataLoader:
+    """A DataLoader with the OpenS2V collate function; pass a `ResumableDistributedSampler`."""
+    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_opens2v_batch, pin_memory=pin_memory, drop_last=True, **kwargs)

@@ -1,0 +1,71 @@
+"""A deterministic, rank-aware sampler that resumes exactly where a run stopped.
+
+Each epoch is one seeded permutation of the dataset (padded by wrap-around to a multiple of the
+world size); rank r takes positions r, r + W, r + 2W, ... The position is kept as a GLOBAL count
+of consumed samples, so a run can resume on a different world size and still continue the same
+permutation without repeating or skipping samples.
+
+DataLoader workers prefetch ahead of training, so the sampler cannot know what was consumed: the
+trainer reports it with `advance(n)` (samples this rank consumed), and `state_dict()` records it.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if dataset_len <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.n, self.rank, self.world, self.seed, self.shuffle = dataset_len, rank, world_size, seed, shuffle
+        self.epoch = 0
+        self.consumed = 0  # global samples consumed in this epoch (all ranks)
+
+    @property
+    def per_epoch(self) -> int:
+        """Global samples per epoch: dataset length padded up to a multiple of the world size."""
+        return -(-self.n // self.world) * self.world
+
+    def __len__(self) -> int:
+        """Samples this rank yields for the rest of the current epoch."""
+        return (self.per_epoch - self.consumed) // self.world
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            base = torch.arange(self.n)
+        else:
+            base = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return base.repeat(-(-self.per_epoch // self.n))[: self.per_epoch]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order(self.epoch)
+        return iter(order[self.consumed + self.rank::self.world].tolist())
+
+    def advance(self, samples_per_rank: int) -> None:
+        """Record that every rank consumed `samples_per_rank` more samples; rolls into the next
+        epoch when this one is exhausted."""
+        self.consumed += samples_per_rank * self.world
+        while self.consumed >= self.per_epoch:
+            self.consumed -= self.per_epoch
+            self.epoch += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "dataset_len": self.n,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dataset_len"] != self.n or state["seed"] != self.seed or state["shuffle"] != self.shuffle:
+            raise ValueError(f"sampler state is for dataset_len={state['dataset_len']}, seed={state['seed']}, "
+                             f"shuffle={state['shuffle']}; this run has {self.n}, {self.seed}, {self.shuffle}")
+        self.epoch = int(state["epoch"])
+        # consumed stays a multiple of the new world size: round down, re-serving < W samples
+        self.consumed = int(state["consumed"]) // self.world * self.world
