@@ -51,6 +51,18 @@ def read_manifests(cache_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _drop_torn_tail(manifest: Path) -> None:
+    """Cut a crash-torn last line (no trailing newline) so new rows start on a line of their own."""
+    if not manifest.exists():
+        return
+    data = manifest.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropping a torn last line (%d bytes)", manifest, len(data) - keep)
+        with manifest.open("r+b") as fh:
+            fh.truncate(keep)
+
+
 @torch.no_grad()
 def encode_sample(encoders, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Run the frozen encoders on one dataset sample (see data/opens2v.py for its shapes)."""
@@ -72,6 +84,8 @@ class CacheWriter:
         self.dir, self.rank, self.shard_size = Path(cache_dir), rank, shard_size
         self.dir.mkdir(parents=True, exist_ok=True)
         self.buffer: list[tuple[dict, dict[str, torch.Tensor]]] = []
+        self.manifest = self.dir / f"manifest-r{rank}.jsonl"
+        _drop_torn_tail(self.manifest)
         existing = list(self.dir.glob(f"shard-r{rank}-*.safetensors"))
         self.next_shard = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in existing), default=-1)
 
@@ -88,7 +102,7 @@ class CacheWriter:
         tmp = self.dir / (name + ".tmp")
         save_file(flat, str(tmp))
         os.replace(tmp, self.dir / name)
-        with (self.dir / f"manifest-r{self.rank}.jsonl").open("a") as fh:
+        with self.manifest.open("a") as fh:
             for row, tensors in self.buffer:
                 fh.write(json.dumps({**row, "shard": name, "tensors": sorted(tensors)}) + "\n")
             fh.flush()

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ds_trainer.demo", "run the main job on its embedded tiny default (CPU, a few seconds)"),
     "info": ("ds_trainer.info", "versions, attention backends and model presets on this machine"),
     "bench": ("kernels.bench.cli", "kernel microbenchmarks side by side with the stock paths (bench kernels)"),
+    "make-demo-data": ("data.synthetic", "write a small synthetic dataset in the OpenS2V on-disk layout"),
 }
 
 
