@@ -29,8 +29,8 @@ from data.cross_frames import CrossFramePairs
 from data.skips import BadSample, SkipLedger, TooManyBadSamples
 from data.subjects import (SUBJECT_SELECTIONS, cut_out, decode_mask, frame_for_mask, letterbox,
                            select_subjects)
-from data.video import (crop_box, load_clip, load_rgb_image, open_video, pixel_frames, read_frames,
-                        resize_cover, sample_frame_indices, to_model_range)
+from data.video import (crop_box, frames_to_model, load_clip, load_rgb_image, open_video, pixel_frames,
+                        read_frames, sample_frame_indices)
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENT_TRIES = 64  # consecutive bad samples tolerated while looking for a replacement
@@ -169,8 +169,10 @@ class OpenS2VAdapterDataset(Dataset):
         """One sample, or BadSample. Shapes: video [3, T, H, W], subject_images [R, 3, Hs, Ws]."""
         opt, plan = self.options, self.plan(index)
         ann, indices = plan.ann, plan.frame_indices
-        video = load_clip(self.video_base / ann.video_relpath, indices, ann.crop, opt.height, opt.width)
-        subjects, frame = self._subjects(plan)
+        same_clip = plan.subject_source is ann
+        video, extra = load_clip(self.video_base / ann.video_relpath, indices, ann.crop, opt.height, opt.width,
+                                 extra_indices=[ann.ann_frame_idx] if same_clip else [])
+        subjects, frame = self._subjects(plan, extra.get(ann.ann_frame_idx))
         sample = {
             "video": video, "prompt": ann.caption, "key": ann.key, "frame_indices": torch.from_numpy(indices),
             "subject_images": torch.stack([s["image"] for s in subjects]),
@@ -185,11 +187,14 @@ class OpenS2VAdapterDataset(Dataset):
             sample["background_image"] = self._resize_image(self._background(ann))
         return sample
 
-    def _subjects(self, plan: SamplePlan) -> tuple[list[dict], np.ndarray]:
+    def _subjects(self, plan: SamplePlan, frame: Optional[np.ndarray]) -> tuple[list[dict], np.ndarray]:
+        """Cut the chosen subjects out of the annotated frame (decoded already for the sample's own
+        clip; decoded here for a cross-frame partner clip). Returns them and that frame."""
         opt, ann, source, chosen = self.options, plan.ann, plan.subject_source, plan.subjects
         where = f"{source.json_path}[{source.key}]"
         path = self._video_of(source)
-        frame = read_frames(open_video(path), path, [source.ann_frame_idx])[0]
+        if frame is None:
+            frame = read_frames(open_video(path), path, [source.ann_frame_idx])[0]
         out = []
         for subj in chosen:
             mask = decode_mask(subj.rle, where)
@@ -204,7 +209,7 @@ class OpenS2VAdapterDataset(Dataset):
 
     def _resize_image(self, image: np.ndarray) -> torch.Tensor:
         """[h, w, 3] uint8 -> [3, H, W] in [-1, 1], cover-resized like the video."""
-        return resize_cover(to_model_range(image[None]), self.options.height, self.options.width)[0].clamp_(-1, 1)
+        return frames_to_model(image[None], self.options.height, self.options.width)[0]
 
     def _background(self, ann: ClipAnnotation) -> np.ndarray:
         """`<background_base_path>/<key>.png` with the fallbacks real data needs (OpenS2V #7:
@@ -302,4 +307,11 @@ def create_opens2v_dataloader(dataset: Dataset, batch_size: int = 1, sampler=Non
     """A DataLoader with the OpenS2V collate function; pass a `ResumableDistributedSampler`."""
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_opens2v_batch, pin_memory=pin_memory, drop_last=True, **kwargs)
+                      collate_fn=collate_opens2v_batch, pin_memory=pin_memory, drop_last=True,
+                      worker_init_fn=_single_threaded_worker, **kwargs)
+
+
+def _single_threaded_worker(worker_id: int) -> None:
+    """Workers decode in parallel with each other: one torch thread each avoids oversubscription."""
+    del worker_id
+    torch.set_num_threads(1)

@@ -40,7 +40,8 @@ def sample_frame_indices(start: int, end: int, num: int, stride: int, rng: np.ra
 
 
 def open_video(path: Path):
-    """decord VideoReader on CPU, or BadSample('unreadable-video')."""
+    """decord VideoReader on CPU (one thread: dataloader workers give the parallelism), or
+    BadSample('unreadable-video')."""
     import decord  # noqa: PLC0415  (heavy native import, only where videos are read)
 
     if not path.is_file():
@@ -77,7 +78,10 @@ def crop_box(frames: np.ndarray, crop: Optional[Sequence[int]], path: str) -> np
 
 
 def resize_cover(frames: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """[T, C, h, w] float -> [T, C, height, width]: scale to cover, then centre-crop."""
+    """[T, C, h, w] (uint8 or float) -> [T, C, height, width]: scale to cover, then centre-crop.
+
+    Resize uint8 frames before converting them to float: torch's uint8 antialiased path is ~4x
+    faster on CPU than the float one (measured on 81 frames of 294x510) and within one level."""
     h, w = frames.shape[-2:]
     scale = max(height / h, width / w)
     nh, nw = max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6))
@@ -93,12 +97,32 @@ def to_model_range(frames_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(frames_uint8, copy=True)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def load_clip(path: Path, indices: Sequence[int], crop, height: int, width: int) -> torch.Tensor:
-    """Decode, crop, cover-resize: returns the video [3, T, height, width] in [-1, 1]."""
-    frames = read_frames(open_video(path), path, indices)
-    frames = crop_box(frames, crop, str(path))
-    video = resize_cover(to_model_range(frames), height, width).clamp_(-1, 1)
-    return video.permute(1, 0, 2, 3).contiguous()
+def frames_to_model(frames_uint8: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """[T, h, w, 3] uint8 -> [T, 3, height, width] float32 in [-1, 1], resized in uint8 first."""
+    x = torch.from_numpy(np.array(frames_uint8, copy=True)).permute(0, 3, 1, 2)  # [T, 3, h, w], channels-last
+    return resize_cover(x, height, width).float().div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
+
+
+def load_clip(path: Path, indices: Sequence[int], crop, height: int, width: int,
+              extra_indices: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
+    """Decode the sampled frames (plus `extra_indices`, e.g. the annotated frame) in ONE
+    `get_batch` pass, then crop and cover-resize the sampled ones.
+
+    Returns the video [3, T, height, width] in [-1, 1] and {extra index: [H, W, 3] uint8 full frame}.
+    """
+    lo, hi = int(min(indices)), int(max(indices))
+    inside = [int(i) for i in extra_indices if lo <= i <= hi]  # free: decoded on the way anyway
+    outside = [int(i) for i in extra_indices if not lo <= i <= hi]
+    reader = open_video(path)
+    need = np.union1d(np.asarray(indices), np.asarray(inside, dtype=np.int64))
+    frames = read_frames(reader, path, need)
+    row = {int(i): k for k, i in enumerate(need)}
+    clip = crop_box(frames[[row[int(i)] for i in indices]], crop, str(path))
+    video = frames_to_model(clip, height, width).permute(1, 0, 2, 3).contiguous()
+    extra = {i: frames[row[i]] for i in inside}
+    if outside:  # a separate seek: decoding from the span's start back to it would cost more
+        extra.update(zip(outside, read_frames(reader, path, outside)))
+    return video, extra
 
 
 def load_rgb_image(path: Path, policy: str = "convert") -> np.ndarray:

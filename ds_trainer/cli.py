@@ -14,8 +14,9 @@ from typing import Optional
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ds_trainer.demo", "run the main job on its embedded tiny default (CPU, a few seconds)"),
     "info": ("ds_trainer.info", "versions, attention backends and model presets on this machine"),
-    "bench": ("kernels.bench.cli", "kernel microbenchmarks side by side with the stock paths (bench kernels)"),
+    "bench": ("ds_trainer.bench", "benchmarks: kernels (side by side with the stock paths) or data (loader clips/s)"),
     "make-demo-data": ("data.synthetic", "write a small synthetic dataset in the OpenS2V on-disk layout"),
+    "build-kernels": ("kernels.build", "build the C++/CUDA extension ahead of time (ninja)"),
 }
 
 
