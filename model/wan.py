@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import KVPath, attention, multi_path_attention
 from model.config import VAE_Z_DIM, WanConfig
@@ -34,13 +35,15 @@ ZERO_INIT_MODULES = ("v_img", "v_vae", "v_fused")          # value side of every
 class CrossContext:
     """Embedded cross-attention inputs of one forward (all already projected to `dim`).
 
-    text: [B, text_len, dim]. img: [B, K_img, dim] (I2V CLIP tokens or the CLIP reference).
-    vae: [B, K_vae, dim] with optional vae_lens [B]. fused: [B, K_img + K_vae, dim] with
-    fused_lens [B]. Paths the model does not have are None.
+    text: [B, text_len, dim]. img: [B, K_img, dim] (I2V CLIP tokens or the CLIP reference) with
+    optional img_lens [B]. vae: [B, K_vae, dim] with optional vae_lens [B]. fused: each sample's
+    valid img tokens then its valid vae tokens, [B, K_fused, dim], with fused_lens [B]. Paths
+    the model does not have are None.
     """
 
     text: torch.Tensor
     img: Optional[torch.Tensor] = None
+    img_lens: Optional[torch.Tensor] = None
     vae: Optional[torch.Tensor] = None
     vae_lens: Optional[torch.Tensor] = None
     fused: Optional[torch.Tensor] = None
@@ -174,6 +177,8 @@ class WanModel(nn.Module):
             self.clip_proj = nn.Linear(cfg.clip_dim, dim)
         if cfg.reference_paths.vae:
             self.vae_proj = nn.Linear(VAE_Z_DIM, dim)
+        self.gradient_checkpointing = False
+        """Recompute each block in the backward pass while training (non-reentrant)."""
         self.set_attn_backend(cfg.attn_backend)
         self.init_weights()
 
@@ -204,15 +209,15 @@ class WanModel(nn.Module):
 
     def embed_context(self, context: torch.Tensor, context_lens: Optional[torch.Tensor] = None,
                       clip_fea: Optional[torch.Tensor] = None, ref_clip: Optional[torch.Tensor] = None,
-                      ref_vae: Optional[torch.Tensor] = None,
-                      ref_vae_lens: Optional[torch.Tensor] = None) -> CrossContext:
+                      ref_vae: Optional[torch.Tensor] = None, ref_vae_lens: Optional[torch.Tensor] = None,
+                      ref_clip_lens: Optional[torch.Tensor] = None) -> CrossContext:
         """Embed the cross-attention inputs once per forward.
 
         context: [B, L_txt <= text_len, text_dim] (zeroed past `context_lens` [B] if given, then
         zero-padded to text_len, as upstream). clip_fea: [B, K, clip_dim] I2V CLIP tokens.
         ref_clip: [B, K, clip_dim] reference CLIP tokens. ref_vae: [B, 16, R, h, w] (or
-        [B, 16, h, w]) reference VAE latents, one token per latent position; ref_vae_lens [B]
-        counts the valid tokens per sample.
+        [B, 16, h, w]) reference VAE latents, one token per latent position; ref_vae_lens and
+        ref_clip_lens [B] count the valid tokens per sample (batches with fewer references).
         """
         cfg = self.config
         text = _pad_text(context, context_lens, cfg.text_len)
@@ -220,15 +225,14 @@ class WanModel(nn.Module):
         if cfg.model_type == "i2v":
             out.img = self.img_emb(_required(clip_fea, "clip_fea", "an i2v model"))
         if cfg.reference_paths.clip:
-            out.img = self.clip_proj(_required(ref_clip, "ref_clip", "the CLIP reference path"))
+            out.img = self.clip_proj(_required(ref_clip, "ref_clip", "the CLIP reference path").to(self.clip_proj.weight.dtype))
+            out.img_lens = ref_clip_lens
         if cfg.reference_paths.vae:
             lat = _required(ref_vae, "ref_vae", "the VAE reference path")
-            tokens = (lat.flatten(2) if lat.dim() == 4 else lat.flatten(2)).transpose(1, 2)  # [B, K, 16]
+            tokens = lat.flatten(2).transpose(1, 2)  # [B, R*h*w, 16]
             out.vae, out.vae_lens = self.vae_proj(tokens.to(self.vae_proj.weight.dtype)), ref_vae_lens
         if cfg.reference_paths.fused:
-            out.fused = torch.cat([out.img, out.vae], dim=1)
-            if ref_vae_lens is not None:
-                out.fused_lens = ref_vae_lens + out.img.shape[1]
+            out.fused, out.fused_lens = _pack(out.img, out.img_lens, out.vae, out.vae_lens)
         return out
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -247,8 +251,8 @@ class WanModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
                 context_lens: Optional[torch.Tensor] = None, ref_clip: Optional[torch.Tensor] = None,
-                ref_vae: Optional[torch.Tensor] = None,
-                ref_vae_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                ref_vae: Optional[torch.Tensor] = None, ref_vae_lens: Optional[torch.Tensor] = None,
+                ref_clip_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, C, F, H, W] noisy latents; t: [B] or [B, F]; context: [B, L_txt, text_dim];
         clip_fea: [B, 257, clip_dim] (i2v); y: [B, 20, F, H, W] mask + first-frame latent (i2v).
         Returns [B, out_dim, F, H, W]."""
@@ -258,10 +262,14 @@ class WanModel(nn.Module):
         if t.dim() == 2 and t.shape[1] != grid[0]:
             raise ValueError(f"per-frame timesteps t has {t.shape[1]} frames, latents have {grid[0]}")
         e, e0 = self.embed_time(t)
-        ctx = self.embed_context(context, context_lens, clip_fea, ref_clip, ref_vae, ref_vae_lens)
+        ctx = self.embed_context(context, context_lens, clip_fea, ref_clip, ref_vae, ref_vae_lens, ref_clip_lens)
         rope = rope_table(self.config.head_dim, grid, device=tokens.device)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, e0, rope, ctx)
+            if recompute:
+                tokens = checkpoint(block, tokens, e0, rope, ctx, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, rope, ctx)
         return self.unpatchify(self.head(tokens, e), grid)
 
 
@@ -275,6 +283,20 @@ def _run_upcast(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         else:
             x = layer(x)
     return x
+
+
+def _pack(a: torch.Tensor, a_lens: Optional[torch.Tensor], b: torch.Tensor, b_lens: Optional[torch.Tensor]):
+    """Per sample, the valid tokens of a then of b, zero-padded: ([B, K, C], lens [B] or None)."""
+    if a_lens is None and b_lens is None:
+        return torch.cat([a, b], dim=1), None
+    la = a_lens if a_lens is not None else torch.full((a.shape[0],), a.shape[1], device=a.device)
+    lb = b_lens if b_lens is not None else torch.full((b.shape[0],), b.shape[1], device=b.device)
+    lens = la + lb
+    out = a.new_zeros(a.shape[0], int(lens.max()), a.shape[2])
+    for i in range(a.shape[0]):
+        na, nb = int(la[i]), int(lb[i])
+        out[i, :na], out[i, na:na + nb] = a[i, :na], b[i, :nb]
+    return out, lens
 
 
 def _required(value, name: str, what: str):

@@ -129,3 +129,21 @@ def test_i2v_model_gets_the_vae_reference_path_on_top():
                 clip_fea=torch.randn(b, 257, cfg.clip_dim), y=torch.randn(b, 20, 2, 4, 6),
                 ref_vae=torch.randn(b, 16, 4, 6))
     assert out.shape == (b, 16, 2, 4, 6)
+
+
+def test_fewer_subjects_in_one_sample_equals_running_it_alone():
+    """CLIP, VAE and fused paths with per-sample lengths: padding never leaks into a sample."""
+    _, adapted, _ = _base_and_adapter(REFS_ALL)
+    with torch.no_grad():
+        for blk in adapted.blocks:
+            for name in ("v_img", "v_vae", "v_fused"):
+                getattr(blk.cross_attn, name).weight.normal_(0, 0.05)
+    k = 5
+    inp = _inputs(k_clip=2 * k, refs=2)  # two subjects: 2 x 5 CLIP tokens, 2 x 24 VAE tokens
+    out = adapted(**inp, ref_clip_lens=torch.tensor([k, 2 * k]), ref_vae_lens=torch.tensor([24, 48]))
+    alone = adapted(inp["x"][:1], inp["t"][:1], inp["context"][:1], ref_clip=inp["ref_clip"][:1, :k],
+                    ref_vae=inp["ref_vae"][:1, :, :1])
+    torch.testing.assert_close(out[:1], alone, rtol=1e-5, atol=1e-6)
+    both = adapted(inp["x"][1:], inp["t"][1:], inp["context"][1:], ref_clip=inp["ref_clip"][1:],
+                   ref_vae=inp["ref_vae"][1:])
+    torch.testing.assert_close(out[1:], both, rtol=1e-5, atol=1e-6)
