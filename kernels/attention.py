@@ -130,6 +130,40 @@ class FlashAttnBackend(AttentionBackend):
         return out.masked_fill((k_lens == 0)[:, None, None, None], 0.0)
 
 
+class TritonBackend(AttentionBackend):
+    """Fused multi-path Triton kernel (kernels/fused_cross_attention.py), forward and backward.
+
+    `multi_path_attention` runs up to MAX_PATHS (4) paths per launch (more: one launch per 4,
+    summed); `attention` is the one-path case.
+    Needs triton plus a CUDA device, or TRITON_INTERPRET=1 (CPU interpreter, for tests).
+    """
+
+    name = "triton"
+
+    def unavailable_reason(self):
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not importable (pip install triton)"
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "triton needs a CUDA device (none is available), or TRITON_INTERPRET=1 to run on CPU"
+        return None
+
+    def attention(self, q, k, v, k_lens=None):
+        from kernels.fused_cross_attention import fused_cross_attention  # noqa: PLC0415  (imports triton)
+
+        return fused_cross_attention(q, [KVPath(k, v, k_lens)])
+
+    def multi_path_attention(self, q: torch.Tensor, paths: Sequence[KVPath]) -> torch.Tensor:
+        from kernels.fused_cross_attention import MAX_PATHS, fused_cross_attention  # noqa: PLC0415
+
+        if not paths:
+            raise ValueError("multi_path_attention needs at least one key/value path")
+        chunks = [paths[i:i + MAX_PATHS] for i in range(0, len(paths), MAX_PATHS)]  # paths are independent
+        out = fused_cross_attention(q, chunks[0])
+        for chunk in chunks[1:]:
+            out = out + fused_cross_attention(q, chunk)
+        return out
+
+
 _REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
 _INSTANCES: dict[str, AttentionBackend] = {}
 
@@ -199,3 +233,4 @@ def multi_path_attention_ref(q, paths: Sequence[KVPath]) -> torch.Tensor:
 
 register_backend("sdpa", SDPABackend)
 register_backend("flash_attn", FlashAttnBackend)
+register_backend("triton", TritonBackend)
