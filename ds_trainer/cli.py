@@ -13,6 +13,10 @@ from typing import Optional
 # name -> (module, one-line help); later jobs add rows here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ds_trainer.demo", "run the main job on its embedded tiny default (CPU, a few seconds)"),
+    "train": ("ds_trainer.train", "train the subject-reference adapters (launch with deepspeed, or plain for debugging)"),
+    "cache": ("ds_trainer.cache_cmd", "precompute T5 / CLIP / VAE outputs so training loads no encoder"),
+    "sample": ("ds_trainer.sample", "write a short mp4 from a trained run (few-step flow-matching sampler)"),
+    "plot": ("ds_trainer.plot", "loss-curve PNG of a run directory"),
     "info": ("ds_trainer.info", "versions, attention backends and model presets on this machine"),
     "bench": ("ds_trainer.bench", "benchmarks: kernels (side by side with the stock paths) or data (loader clips/s)"),
     "make-demo-data": ("data.synthetic", "write a small synthetic dataset in the OpenS2V on-disk layout"),

@@ -1,72 +1,98 @@
-"""`wanspeed demo`: the README's main job on its embedded tiny default.
+"""`wanspeed demo`: the README's main job on its embedded tiny default (configs/tiny_opens2v.yaml).
 
-Until the trainer lands this exercises the model core end to end on CPU: build a tiny Wan with
-the subject-reference paths, save it in the official diffusers layout, load it back through the
-checkpoint loader (meta device + assign), and run a few-step flow-matching sampler conditioned
-on text, CLIP and VAE reference tokens. Prints what it did and how long each part took.
+1. write synthetic OpenS2V-format data (real mp4s, RLE masks, backgrounds);
+2. write tiny T5 / CLIP / VAE encoders and a tiny Wan base checkpoint in the official layouts;
+3. fill the encoder-output cache (`wanspeed cache`);
+4. train the reference adapters + LoRA under `deepspeed` with 2 CPU ranks and ZeRO-3;
+5. plot the loss curve and sample a short mp4 from the trained model.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import tempfile
+import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_wan_model, save_diffusers_dir
-from model.config import CLIP_TOKENS, WAN_TINY, ReferencePathsConfig
-from model.flow_matching import FlowMatchingScheduler
-from model.wan import WanModel
-
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "configs" / "tiny_opens2v.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="where to write the tiny checkpoint (default: a temp dir)")
-    parser.add_argument("--steps", type=int, default=4, help="sampler steps (default 4)")
-    parser.add_argument("--frames", type=int, default=3, help="latent frames (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where everything goes")
+    parser.add_argument("--ranks", type=int, default=2, help="CPU processes under deepspeed (default 2)")
+    parser.add_argument("--zero", choices=["2", "3", "3-offload"], default="3")
+    parser.add_argument("--clips", type=int, default=8)
 
 
-@torch.no_grad()
-def sample(model: WanModel, scheduler: FlowMatchingScheduler, shape, steps: int, generator: torch.Generator,
-           **cond) -> torch.Tensor:
-    """Euler flow-matching sampler from pure noise; shape [B, C, F, H, W]."""
-    x = torch.randn(shape, generator=generator)
-    sigmas = scheduler.sampling_sigmas(steps)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        t = scheduler.timestep(s).expand(shape[0])
-        flow = model(x, t, **cond)
-        x = scheduler.euler_step(x, flow, s.expand(shape[0]), s_next.expand(shape[0]))
-    return x
+def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
+    """Data, encoders and base weights under `root`; returns the resolved run config path."""
+    from data.synthetic import make_demo_dataset  # noqa: PLC0415
+    from model.checkpoint import save_diffusers_dir  # noqa: PLC0415
+    from model.config import WAN_TINY  # noqa: PLC0415
+    from model.encoders.bundle import write_tiny_encoders  # noqa: PLC0415
+    from model.wan import WanModel  # noqa: PLC0415
+
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "data").exists():
+        make_demo_dataset(root / "data", clips=clips, parts=1, seed=seed)
+    if not (root / "encoders" / "vae").exists():
+        write_tiny_encoders(root / "encoders", text_dim=WAN_TINY.text_dim, clip_dim=WAN_TINY.clip_dim, seed=seed)
+    if not (root / "base").exists():
+        torch.manual_seed(seed)
+        base = WanModel(WAN_TINY)
+        # Wan zero-initialises its head for pre-training; a frozen zero (or tiny) head would hide
+        # whatever the adapters learn, so the demo base gets a unit-scale one.
+        torch.nn.init.normal_(base.head.head.weight, std=WAN_TINY.dim ** -0.5)
+        save_diffusers_dir(base, WAN_TINY, root / "base")
+    config = root / "tiny_opens2v.yaml"
+    config.write_text(TEMPLATE.read_text().replace("@DEMO@", str(root.resolve())))
+    return config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_training(config: Path, logdir: Path, ranks: int, zero: str, extra: list[str] = ()) -> None:
+    """`deepspeed --num_gpus N --module ds_trainer.train` on CPU (gloo), as a user would run it."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANSPEED_NO_PROGRESS=os.environ.get("WANSPEED_NO_PROGRESS", "0"),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+           str(_free_port()), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
+           "--zero", zero, *extra]
+    log.info("launching: %s", " ".join(cmd))
+    subprocess.run(cmd, env=env, check=True, cwd=REPO)
 
 
 def run(args: argparse.Namespace) -> int:
-    timings = {}
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    cfg = WAN_TINY.replace(reference_paths=ReferencePathsConfig(clip=True, vae=True, fused=True))
-    model = WanModel(cfg)
-    timings["build"] = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / "tiny-wan"
-        t0 = time.perf_counter()
-        save_diffusers_dir(model, cfg, out)
-        loaded, report = load_wan_model(out)
-        timings["save+load"] = time.perf_counter() - t0
-    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    g = torch.Generator().manual_seed(args.seed)
-    cond = dict(context=torch.randn(1, 12, cfg.text_dim, generator=g),
-                ref_clip=torch.randn(1, CLIP_TOKENS, cfg.clip_dim, generator=g),
-                ref_vae=torch.randn(1, 16, 1, 8, 8, generator=g))
-    t0 = time.perf_counter()
-    latents = sample(loaded, FlowMatchingScheduler(shift=5.0), (1, 16, args.frames, 8, 8), args.steps, g, **cond)
-    timings["sample"] = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in loaded.parameters())
-    print(f"tiny Wan ({n_params / 1e6:.2f}M params, reference paths clip+vae+fused) -> {report.summary()}")
-    print(f"reloaded weights identical: {same}; sampled latents {tuple(latents.shape)}, "
-          f"std {latents.std():.3f}, finite: {bool(torch.isfinite(latents).all())}")
-    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    return 0 if same and bool(torch.isfinite(latents).all()) else 1
+    from ds_trainer import cache_cmd, sample  # noqa: PLC0415
+    from ds_trainer.metrics import read_metrics, summarise  # noqa: PLC0415
+    from ds_trainer.plot import plot_loss  # noqa: PLC0415
+
+    t0, times = time.perf_counter(), {}
+    root = args.out.resolve()
+    config = prepare(root, args.clips)
+    times["prepare"] = time.perf_counter() - t0
+    cache_cmd.run(argparse.Namespace(config=str(config), shard_size=32, local_rank=None))
+    times["cache"] = time.perf_counter() - t0 - sum(times.values())
+    logdir = root / "run"
+    launch_training(config, logdir, args.ranks, args.zero, extra=["--no-auto-resume"])
+    times["train"] = time.perf_counter() - t0 - sum(times.values())
+    png = plot_loss(logdir)
+    sample.run(argparse.Namespace(logdir=logdir, checkpoint=None, index=0, steps=None, out=None))
+    times["plot+sample"] = time.perf_counter() - t0 - sum(times.values())
+    summary = summarise(read_metrics(logdir))
+    print(json.dumps({"logdir": str(logdir), "loss_curve": str(png), "sample": str(logdir / "sample.mp4"),
+                      "loss": summary, "seconds": {k: round(v, 1) for k, v in times.items()},
+                      "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+    return 0 if summary and summary["relative_drop"] > 0 else 1

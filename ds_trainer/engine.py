@@ -1,0 +1,151 @@
+"""One engine builder for every role (the DeepSpeed-Chat shape, without its copy-pasted inits):
+the subject-adapter generator today; DMD's generator, critic and frozen real-score teacher later.
+
+`build_wan` builds the Wan generator (partitioned as it is built under ZeRO-3) and fills it from
+the base checkpoint; `build_engine` wraps any module in a DeepSpeed engine, with an optimizer over
+the trainable parameters only, or none for a frozen role.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ds_trainer.ds_config import zero_stage
+from model.checkpoint import CheckpointError, check_state_dict, load_state_dict_assign, read_checkpoint, strip_wrapper_prefix
+from model.config import WanConfig
+from model.wan import WanModel, init_module
+
+log = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _param_shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape in ds_shape
+
+
+def build_wan(cfg: WanConfig, ds_config: dict, checkpoint: Optional[str], device: torch.device,
+              dtype: torch.dtype = torch.float32) -> WanModel:
+    """The generator, partitioned as it is built under ZeRO-3, with the base weights loaded."""
+    if zero_stage(ds_config) == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, remote_device=None):
+            model = WanModel(cfg)
+        fill_partitioned(model, checkpoint, dtype)
+        return model
+    if checkpoint is None:
+        return WanModel(cfg).to(device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    sd, _, _ = read_checkpoint(checkpoint)
+    sd, _ = strip_wrapper_prefix(sd)
+    load_state_dict_assign(model, sd, str(checkpoint), dtype=dtype, device=device)
+    return model
+
+
+def fill_partitioned(model: WanModel, checkpoint: Optional[str], dtype: torch.dtype) -> None:
+    """Load (or initialise) a ZeRO-3-partitioned model module by module.
+
+    Only rank 0 reads the checkpoint (memory-mapped); each module's parameters are gathered,
+    written on rank 0 and re-partitioned (broadcast), so no rank ever holds the whole model. A bad
+    checkpoint is detected on rank 0 and raised on every rank (no rank is left waiting).
+    """
+    rank, sd, error = _rank(), None, None
+    if rank == 0 and checkpoint is not None:
+        try:
+            sd, _, _ = read_checkpoint(checkpoint)
+            sd, _ = strip_wrapper_prefix(sd)
+            expected = {n: _param_shape(p) for n, p in model.named_parameters()}
+            check_state_dict(sd, expected, model.config, str(checkpoint))
+        except CheckpointError as exc:
+            error = str(exc)
+    box = [error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
+    for name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if rank != 0:
+                continue
+            keys = [f"{name}.{n}" if name else n for n, _ in params]
+            if sd is not None and all(k in sd for k in keys):
+                for (_, p), k in zip(params, keys):
+                    p.data.copy_(sd[k].to(dtype))
+            else:  # an adapter layer absent from the base checkpoint, or no checkpoint at all
+                init_module(name, module, model.config)
+
+
+def warmup_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def build_engine(module: nn.Module, ds_config: dict, lr: Optional[float] = None, weight_decay: float = 0.0,
+                 warmup_steps: int = 0):
+    """A DeepSpeed engine for one role. With `lr`, an AdamW over the trainable parameters only
+    (and a linear warm-up); without, a frozen engine (no optimizer)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if lr is None:
+        engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+        return engine
+    if not trainable:
+        raise ValueError("build_engine: an optimizer was asked for but no parameter is trainable")
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=trainable, config=ds_config)
+    return engine
+
+
+def gathered(params: list[torch.Tensor], stage: int):
+    """Context in which ZeRO-3 parameters hold their full tensors on every rank (read only)."""
+    return deepspeed.zero.GatheredParameters(params) if stage == 3 else nullcontext()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(math.prod(_param_shape(p)) for p in model.parameters())
+    train = sum(math.prod(_param_shape(p)) for p in model.parameters() if p.requires_grad)
+    return total, train
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group started by the `deepspeed` launcher (gloo on CPU, nccl on GPU);
+    a plain `python` process becomes a world of one."""
+    import os  # noqa: PLC0415
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_path(path: Optional[str]) -> Optional[Path]:
+    return Path(path) if path else None
