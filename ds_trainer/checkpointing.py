@@ -76,10 +76,25 @@ def export_trainable(model: torch.nn.Module, stage: int) -> Optional[dict[str, t
         return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
 
 
+def export_full(model: torch.nn.Module, stage: int, path: Path) -> None:
+    """Every parameter (frozen and trained) to one safetensors file on rank 0, gathering one
+    module at a time so no rank but 0 ever holds the whole model."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        with gathered([p for _, p in params], stage):
+            if _rank() == 0:
+                out.update({f"{name}.{n}" if name else n: p.detach().to("cpu", copy=True) for n, p in params})
+    if _rank() == 0:
+        save_file(out, str(path))
+    _barrier()
+
+
 def _lora_state(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The peft adapter state dict (keys as `get_peft_model_state_dict` names them)."""
     from peft import get_peft_model_state_dict  # noqa: PLC0415
-    return get_peft_model_state_dict(model, state_dict={k: v for k, v in weights.items() if "lora_" in k})
+    state = get_peft_model_state_dict(model, state_dict={k: v for k, v in weights.items() if "lora_" in k})
+    return {f"base_model.model.{k}": v for k, v in state.items()}  # PeftModel.save_pretrained's key layout
 
 
 def save_checkpoint(engine, model, step: int, logdir: Path, meta: dict[str, Any], client_state: dict[str, Any],

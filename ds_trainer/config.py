@@ -142,6 +142,9 @@ class TrainConfig:
     zero: str = "3"
     """DeepSpeed config: '2', '3' or '3-offload' (configs/ds/), unless deepspeed_config is given."""
     deepspeed_config: Optional[str] = None
+    export_full: bool = False
+    """At the end, also write every weight (frozen base + adapters) to final_model.safetensors
+    (gathered module by module under ZeRO-3; rank 0 writes)."""
     disable_wandb: bool = False
     wandb: WandbSection = field(default_factory=WandbSection)
     sample: SampleSection = field(default_factory=SampleSection)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ds_trainer.ds_config import zero_stage
 from model.checkpoint import CheckpointError, check_state_dict, load_state_dict_assign, read_checkpoint, strip_wrapper_prefix
 from model.config import WanConfig
-from model.wan import WanModel, init_module
+from model.wan import WanModel, init_module_seeded
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,19 @@ def build_wan(cfg: WanConfig, ds_config: dict, checkpoint: Optional[str], device
               dtype: torch.dtype = torch.float32) -> WanModel:
     """The generator, partitioned as it is built under ZeRO-3, with the base weights loaded."""
     if zero_stage(ds_config) == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, remote_device=None):
+        # dtype comes from the DeepSpeed config (bf16 on GPU, fp32 on CPU): passing dtype= here
+        # gave bf16 partitions even for torch.float32 (deepspeed 0.19.8 on CPU).
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None):
             model = WanModel(cfg)
-        fill_partitioned(model, checkpoint, dtype)
+        fill_partitioned(model, checkpoint)
         return model
     if checkpoint is None:
-        return WanModel(cfg).to(device=device, dtype=dtype)
+        model = WanModel(cfg)
+        seed = torch.initial_seed()
+        for name, module in model.named_modules():  # same per-module init as the ZeRO-3 path
+            if any(True for _ in module.parameters(recurse=False)):
+                init_module_seeded(name, module, cfg, seed)
+        return model.to(device=device, dtype=dtype)
     with torch.device("meta"):
         model = WanModel(cfg)
     sd, _, _ = read_checkpoint(checkpoint)
@@ -52,14 +59,14 @@ def build_wan(cfg: WanConfig, ds_config: dict, checkpoint: Optional[str], device
     return model
 
 
-def fill_partitioned(model: WanModel, checkpoint: Optional[str], dtype: torch.dtype) -> None:
+def fill_partitioned(model: WanModel, checkpoint: Optional[str]) -> None:
     """Load (or initialise) a ZeRO-3-partitioned model module by module.
 
     Only rank 0 reads the checkpoint (memory-mapped); each module's parameters are gathered,
     written on rank 0 and re-partitioned (broadcast), so no rank ever holds the whole model. A bad
     checkpoint is detected on rank 0 and raised on every rank (no rank is left waiting).
     """
-    rank, sd, error = _rank(), None, None
+    rank, sd, error, seed = _rank(), None, None, torch.initial_seed()
     if rank == 0 and checkpoint is not None:
         try:
             sd, _, _ = read_checkpoint(checkpoint)
@@ -83,9 +90,9 @@ def fill_partitioned(model: WanModel, checkpoint: Optional[str], dtype: torch.dt
             keys = [f"{name}.{n}" if name else n for n, _ in params]
             if sd is not None and all(k in sd for k in keys):
                 for (_, p), k in zip(params, keys):
-                    p.data.copy_(sd[k].to(dtype))
+                    p.data.copy_(sd[k])  # converts to the partition's dtype
             else:  # an adapter layer absent from the base checkpoint, or no checkpoint at all
-                init_module(name, module, model.config)
+                init_module_seeded(name, module, model.config, seed)
 
 
 def warmup_lambda(warmup_steps: int):

@@ -201,6 +201,8 @@ class AdapterTrainer:
                 if self.sampler.consumed == 0:
                     break  # epoch rolled over: rebuild the loader (new order, new random choices)
         self.metrics.close()
+        if cfg.export_full:
+            ckpt.export_full(self.model, self.stage, self.logdir / "final_model.safetensors")
         return dict(step=self.step, **self.totals)
 
     def _log_step(self, losses: list[float], seconds: float) -> None:
@@ -214,8 +216,16 @@ class AdapterTrainer:
             "peak_memory_mb": peak_memory_mb(self.device), **self.totals})
 
 
+_FIRED: set[str] = set()
+
+
 def _nan_injected(step: int, rank: int) -> bool:
-    """Test hook: WANSPEED_INJECT_NAN="rank:step,rank:step" makes those losses NaN."""
+    """Test hook: WANSPEED_INJECT_NAN="rank:step,..." makes that loss NaN once; "rank:step+"
+    every time step `step` is tried (to exercise the consecutive-failure stop)."""
     import os  # noqa: PLC0415
-    spec = os.environ.get("WANSPEED_INJECT_NAN", "")
-    return f"{rank}:{step}" in {s.strip() for s in spec.split(",") if s.strip()}
+    for spec in (s.strip() for s in os.environ.get("WANSPEED_INJECT_NAN", "").split(",") if s.strip()):
+        always = spec.endswith("+")
+        if spec.rstrip("+") == f"{rank}:{step}" and (always or spec not in _FIRED):
+            _FIRED.add(spec)
+            return True
+    return False

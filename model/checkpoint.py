@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from model.config import ConfigError, ReferencePathsConfig, WanConfig
 from model.wan import (ADAPTER_BLOCK_MODULES, ADAPTER_MODEL_PREFIXES, T2V_CLIP_PATH_MODULES, WanModel,
-                       init_module)
+                       init_module_seeded)
 
 log = logging.getLogger(__name__)
 
@@ -265,15 +265,17 @@ def load_state_dict_assign(model: WanModel, sd: Mapping[str, torch.Tensor], sour
 
 
 def _materialise(model: WanModel, missing: list[str], dtype, device) -> None:
-    """Give absent (meta) adapter parameters real storage and their fresh initialisation."""
+    """Give absent (meta) adapter parameters real storage and their fresh initialisation, seeded
+    per module from torch's current seed (identical on every rank and every ZeRO stage)."""
     owners = {k.rsplit(".", 1)[0] for k in missing}
     modules = dict(model.named_modules())
+    seed = torch.initial_seed()
     for name in sorted(owners):
         mod = modules[name]
         mod.to_empty(device=device, recurse=False)
         for p in mod.parameters(recurse=False):
             p.data = p.data.to(dtype)
-        init_module(name, mod, model.config)
+        init_module_seeded(name, mod, model.config, seed)
 
 
 # ----------------------------------------------------------------------------------- writing

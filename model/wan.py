@@ -12,6 +12,7 @@ Shapes follow the glossary in model/config.py. Every attention call goes through
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -180,7 +181,8 @@ class WanModel(nn.Module):
         self.gradient_checkpointing = False
         """Recompute each block in the backward pass while training (non-reentrant)."""
         self.set_attn_backend(cfg.attn_backend)
-        self.init_weights()
+        if not hasattr(self.patch_embedding.weight, "ds_id"):  # under ZeRO-3 Init: filled after partitioning
+            self.init_weights()
 
     # ----------------------------------------------------------------------------------- setup
     def set_attn_backend(self, name: Optional[str]) -> None:
@@ -314,6 +316,14 @@ def _pad_text(context: torch.Tensor, lens: Optional[torch.Tensor], text_len: int
         keep = torch.arange(length, device=context.device)[None, :] < lens.to(context.device)[:, None]
         context = context * keep[..., None].to(context.dtype)
     return nn.functional.pad(context, (0, 0, 0, text_len - length))
+
+
+def init_module_seeded(name: str, mod: nn.Module, cfg: WanConfig, seed: int) -> None:
+    """`init_module` with random draws that depend only on (seed, module name): a layer gets the
+    same values whatever order modules are initialised in (ZeRO-3 gathers vs. a plain load)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+        init_module(name, mod, cfg)
 
 
 def init_module(name: str, mod: nn.Module, cfg: WanConfig) -> None:
