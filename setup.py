@@ -8,7 +8,7 @@ from setuptools import setup
 
 PACKAGES = [
     "model", "model.encoders",
-    "kernels",
+    "kernels", "kernels.bench",
     "data",
     "ds_trainer",
     "launch",
