@@ -90,6 +90,9 @@ class WanConfig:
     """Subject-reference adapters (not part of the official config.json)."""
     attn_backend: Optional[str] = None
     """Attention backend name (see kernels.attention); None = $WANSPEED_ATTN_BACKEND or sdpa."""
+    fused_qk_norm_rope: bool = False
+    """Self-attention q/k RMSNorm + RoPE through the ninja-built extension (kernels/qk_norm_rope.py;
+    falls back to PyTorch with a logged reason where it cannot be built). Same numerics."""
 
     def __post_init__(self):
         if isinstance(self.reference_paths, dict):

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import KVPath, attention, multi_path_attention
+from kernels.qk_norm_rope import qk_norm_rope
 from model.config import VAE_Z_DIM, WanConfig
 from model.layers import (Head, MLPProj, WanLayerNorm, WanRMSNorm, gate, modulate, rope_apply,
                           rope_table, sinusoidal_embedding_1d, upcast)
@@ -62,6 +63,7 @@ class WanSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.attn_backend: Optional[str] = None
+        self.fused_norm_rope = False  # set by WanModel from its config
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
@@ -69,8 +71,13 @@ class WanSelfAttention(nn.Module):
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """x: [B, L, dim] -> roped q, k and v, each [B, L, N, D]."""
         x = x.to(self.q.weight.dtype)
-        q = rope_apply(_heads(self.norm_q(self.q(x)), self.num_heads), *rope)
-        k = rope_apply(_heads(self.norm_k(self.k(x)), self.num_heads), *rope)
+        if self.fused_norm_rope and isinstance(self.norm_q, WanRMSNorm):
+            cos, sin = (t.to(torch.promote_types(x.dtype, torch.float32)) for t in rope)
+            q = qk_norm_rope(self.q(x), self.norm_q.weight, cos, sin, self.num_heads, self.norm_q.eps)
+            k = qk_norm_rope(self.k(x), self.norm_k.weight, cos, sin, self.num_heads, self.norm_k.eps)
+        else:
+            q = rope_apply(_heads(self.norm_q(self.q(x)), self.num_heads), *rope)
+            k = rope_apply(_heads(self.norm_k(self.k(x)), self.num_heads), *rope)
         return q, k, _heads(self.v(x), self.num_heads)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -181,6 +188,8 @@ class WanModel(nn.Module):
         self.gradient_checkpointing = False
         """Recompute each block in the backward pass while training (non-reentrant)."""
         self.set_attn_backend(cfg.attn_backend)
+        for blk in self.blocks:
+            blk.self_attn.fused_norm_rope = cfg.fused_qk_norm_rope
         if not hasattr(self.patch_embedding.weight, "ds_id"):  # under ZeRO-3 Init: filled after partitioning
             self.init_weights()
 

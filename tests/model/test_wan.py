@@ -173,3 +173,19 @@ def test_attention_backends_agree_on_the_whole_model():
     out_sdpa = model(x, t, ctx, **kw)
     model.set_attn_backend("reference")
     torch.testing.assert_close(model(x, t, ctx, **kw), out_sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_qk_norm_rope_extension_gives_the_same_model():
+    """The ninja-built op (or its logged fallback) replaces norm + rope with the same numerics."""
+    cfg = WAN_TINY.replace(dim=256, num_heads=2, ffn_dim=64)
+    model = randomize(WanModel(cfg))
+    fused = WanModel(cfg.replace(fused_qk_norm_rope=True))
+    fused.load_state_dict(model.state_dict())
+    x, t, ctx, _ = _inputs(cfg)
+    out = model(x, t, ctx)
+    out_fused = fused(x, t, ctx)
+    torch.testing.assert_close(out_fused, out, rtol=1e-5, atol=1e-5)
+    out_fused.square().mean().backward()
+    model(x, t, ctx).square().mean().backward()
+    g, gf = model.blocks[0].self_attn.norm_q.weight.grad, fused.blocks[0].self_attn.norm_q.weight.grad
+    torch.testing.assert_close(gf, g, rtol=1e-4, atol=1e-6)
