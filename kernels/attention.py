@@ -50,12 +50,19 @@ def _key_padding_mask(k_lens: torch.Tensor, lk: int) -> torch.Tensor:
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   k_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   k_lens: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.scaled_dot_product_attention` on [B, L, N, D] inputs; returns [B, Lq, N, D].
 
     q and k are cast to v's dtype (Wan's rope returns fp32 while v may be bf16 under autocast).
+    attn_mask: optional [Lq, Lk] bool (True = attend), e.g. a block-causal mask.
     """
     q, k = q.to(v.dtype), k.to(v.dtype)
+    if attn_mask is not None:
+        if k_lens is not None:
+            raise ValueError("attn_mask and k_lens together are not supported")
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attn_mask)
+        return out.transpose(1, 2)
     mask = None
     empty = None
     if k_lens is not None:
@@ -208,6 +215,13 @@ def get_backend(name: Optional[str] = None) -> AttentionBackend:
 def attention(q, k, v, k_lens=None, backend: Optional[str] = None) -> torch.Tensor:
     """Single-path attention on [B, L, N, D]; see the module docstring."""
     return get_backend(backend).attention(q, k, v, k_lens)
+
+
+def masked_attention(q, k, v, attn_mask: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Attention under a dense [Lq, Lk] bool mask (the reference path of block-causal attention;
+    every backend currently runs it with SDPA)."""
+    get_backend(backend)  # still validate the requested backend
+    return sdpa_attention(q, k, v, attn_mask=attn_mask)
 
 
 def multi_path_attention(q, paths: Sequence[KVPath], backend: Optional[str] = None) -> torch.Tensor:

@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import KVPath, attention, multi_path_attention
+from kernels.attention import KVPath, attention, masked_attention, multi_path_attention
 from kernels.qk_norm_rope import qk_norm_rope
 from model.config import VAE_Z_DIM, WanConfig
+from model.kv_cache import gather_visible
 from model.layers import (Head, MLPProj, WanLayerNorm, WanRMSNorm, gate, modulate, rope_apply,
                           rope_table, sinusoidal_embedding_1d, upcast)
 
@@ -80,10 +81,22 @@ class WanSelfAttention(nn.Module):
             k = rope_apply(_heads(self.norm_k(self.k(x)), self.num_heads), *rope)
         return q, k, _heads(self.v(x), self.num_heads)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [B, L, dim]; rope: (cos, sin) [L, D/2] -> [B, L, dim]."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn_mask: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
+        """x: [B, L, dim]; rope: (cos, sin) [L, D/2] -> [B, L, dim].
+
+        attn_mask: [L, L] bool (block-causal training). kv_cache: a model.kv_cache.KVCache; the
+        block's roped k, v are written to it and q attends to everything it then holds.
+        """
         q, k, v = self.qkv(x, rope)
-        out = attention(q, k, v, backend=self.attn_backend)  # [B, L, N, D]
+        if kv_cache is not None:
+            kv_cache.write(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+            k, v = gather_visible(kv_cache.view())
+            out = attention(q, k, v, backend=self.attn_backend)
+        elif attn_mask is not None:
+            out = masked_attention(q, k, v, attn_mask, backend=self.attn_backend)
+        else:
+            out = attention(q, k, v, backend=self.attn_backend)  # [B, L, N, D]
         return self.o(out.flatten(2).to(self.o.weight.dtype))
 
 
@@ -151,11 +164,13 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, rope, context: CrossContext,
-                cross_kv: Optional[list[KVPath]] = None) -> torch.Tensor:
+                cross_kv: Optional[list[KVPath]] = None, attn_mask: Optional[torch.Tensor] = None,
+                kv_cache=None) -> torch.Tensor:
         """x: [B, L, dim]; e0: [B, Fe, 6, dim] projected time embedding -> [B, L, dim]."""
         m = upcast(self.modulation)[:, None] + upcast(e0)  # [B, Fe, 6, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)
-        x = upcast(x) + gate(self.self_attn(modulate(self.norm1(x), shift1, scale1), rope), gate1)
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), rope, attn_mask, kv_cache)
+        x = upcast(x) + gate(y, gate1)
         x = x + self.cross_attn(self.norm3(x), context, cross_kv)
         x = x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2).to(self.ffn[0].weight.dtype)), gate2)
         return x

@@ -1,0 +1,176 @@
+"""Block-causal (autoregressive) Wan for Self-Forcing / LongLive: same parameters and state-dict
+keys as `WanModel`, so Wan, Self-Forcing and LongLive checkpoints load into it unchanged.
+
+Frames are grouped into blocks of `num_frame_per_block` (frame 0 alone first with
+`independent_first_frame`, the I2V recipe). A query frame attends to every key frame up to the
+end of its own block; with a local window of `local_attn_size` frames it sees only the last
+`local_attn_size - sink_size` frames up to its block end, plus the first `sink_size` frames
+(LongLive's sink). Training runs all frames at once under that mask (or the teacher-forcing
+`[clean | noisy]` mask); inference runs block by block with a ring-buffer KV cache
+(model/kv_cache.py) and a cross-attention cache for text and every reference / I2V path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from model.config import WanConfig
+from model.kv_cache import KVCache, make_caches
+from model.layers import rope_table
+from model.wan import CrossContext, WanModel
+
+
+@dataclass(frozen=True)
+class CausalConfig:
+    num_frame_per_block: int = 3
+    """Latent frames per autoregressive block (4 for the I2V recipe with 21 frames)."""
+    independent_first_frame: bool = False
+    """Frame 0 is a block of its own (I2V: the conditioning frame)."""
+    local_attn_size: int = -1
+    """Frames a query may see, sink included; -1 = everything before (LongLive: 12)."""
+    sink_size: int = 0
+    """First frames that stay visible whatever the window (LongLive: 3)."""
+
+
+def frame_blocks(num_frames: int, cfg: CausalConfig) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of the blocks; a frame count that does not split is an error
+    saying which block sizes would work."""
+    n, first = cfg.num_frame_per_block, int(cfg.independent_first_frame)
+    rest = num_frames - first
+    if n < 1 or rest < 0 or rest % n:
+        ok = [b for b in range(1, rest + 1) if rest % b == 0] if rest > 0 else []
+        what = f"num_frames - 1 = {rest}" if first else f"num_frames = {num_frames}"
+        raise ValueError(f"{what} is not a multiple of num_frame_per_block = {n}"
+                         f"{' with independent_first_frame' if first else ''}; block sizes that work: {ok}")
+    blocks = [(0, 1)] if first else []
+    return blocks + [(first + i * n, first + (i + 1) * n) for i in range(rest // n)]
+
+
+def frame_mask(num_frames: int, cfg: CausalConfig) -> torch.Tensor:
+    """[F, F] bool: query frame i may attend to key frame j."""
+    end = torch.zeros(num_frames, dtype=torch.long)
+    for a, b in frame_blocks(num_frames, cfg):
+        end[a:b] = b
+    j = torch.arange(num_frames)[None, :]
+    mask = j < end[:, None]
+    if cfg.local_attn_size > 0:
+        recent = j >= end[:, None] - (cfg.local_attn_size - cfg.sink_size)
+        mask &= recent | (j < cfg.sink_size)
+    return mask
+
+
+def teacher_forcing_frame_mask(num_frames: int, cfg: CausalConfig) -> torch.Tensor:
+    """[2F, 2F] bool over [clean | noisy] frames: clean frames are block-causal among themselves;
+    noisy block i sees the clean frames of the blocks before it and its own noisy block."""
+    f = num_frames
+    clean = frame_mask(f, cfg)
+    start = torch.zeros(f, dtype=torch.long)
+    same = torch.zeros(f, f, dtype=torch.bool)
+    for a, b in frame_blocks(f, cfg):
+        start[a:b] = a
+        same[a:b, a:b] = True
+    j = torch.arange(f)[None, :]
+    noisy_to_clean = (j < start[:, None]) & clean  # earlier blocks only, same window rule
+    top = torch.cat([clean, torch.zeros(f, f, dtype=torch.bool)], dim=1)
+    bottom = torch.cat([noisy_to_clean, same], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def token_mask(frames: torch.Tensor, frame_tokens: int) -> torch.Tensor:
+    """Frame mask [Fq, Fk] -> token mask [Fq*T, Fk*T]."""
+    return frames.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
+
+
+class CausalWanModel(WanModel):
+    """WanModel with block-causal attention; see the module docstring."""
+
+    def __init__(self, cfg: WanConfig, causal: CausalConfig = CausalConfig()):
+        super().__init__(cfg)
+        if causal.local_attn_size > 0 and causal.sink_size >= causal.local_attn_size:
+            raise ValueError(f"sink_size ({causal.sink_size}) must be below local_attn_size ({causal.local_attn_size})")
+        self.causal = causal
+
+    # ---------------------------------------------------------------------------- training
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clean_x: Optional[torch.Tensor] = None,
+                clean_t: Optional[torch.Tensor] = None, **cond) -> torch.Tensor:
+        """All frames at once under the block-causal mask. x: [B, C, F, H, W]; t: [B, F] (or [B]).
+        With `clean_x` (teacher forcing) the sequence is [clean | noisy] with the same RoPE on both
+        halves and clean timesteps `clean_t` (default 0); only the noisy half is returned."""
+        y = cond.pop("y", None)
+        if self.config.model_type == "i2v":
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+            if clean_x is not None:
+                clean_x = torch.cat([clean_x, y.to(clean_x.dtype)], dim=1)
+        tokens, grid = self.patchify(x)
+        f, frame_tokens = grid[0], grid[1] * grid[2]
+        t = t[:, None].expand(-1, f) if t.dim() == 1 else t
+        cos, sin = rope_table(self.config.head_dim, grid, device=tokens.device)
+        if clean_x is None:
+            mask = token_mask(frame_mask(f, self.causal), frame_tokens).to(tokens.device)
+        else:
+            clean_tokens, _ = self.patchify(clean_x)
+            tokens = torch.cat([clean_tokens, tokens], dim=1)
+            t = torch.cat([clean_t if clean_t is not None else torch.zeros_like(t), t], dim=1)
+            cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
+            mask = token_mask(teacher_forcing_frame_mask(f, self.causal), frame_tokens).to(tokens.device)
+        e, e0 = self.embed_time(t)
+        ctx = self.embed_context(context, **cond)
+        for block in self.blocks:
+            tokens = block(tokens, e0, (cos, sin), ctx, attn_mask=mask)
+        out = self.head(tokens, e)
+        if clean_x is not None:
+            out, e = out[:, f * frame_tokens:], e[:, f:]
+        return self.unpatchify(out, grid)
+
+    # --------------------------------------------------------------------------- inference
+    def new_kv_caches(self, batch: int, frame_tokens: int, max_frames: int, device="cpu",
+                      dtype=torch.float32) -> list[KVCache]:
+        c = self.causal
+        return make_caches(len(self.blocks), batch, frame_tokens, self.config.num_heads, self.config.head_dim,
+                           max_frames, c.local_attn_size, c.sink_size, device, dtype, c.num_frame_per_block)
+
+    def cross_attention_cache(self, context: torch.Tensor, **cond) -> tuple[CrossContext, list]:
+        """Embed the prompt / CLIP / reference inputs once and precompute every block's K, V for
+        every path (text, img, vae, fused): reused by all blocks of frames until the prompt changes."""
+        ctx = self.embed_context(context, **cond)
+        return ctx, [blk.cross_attn.kv_paths(ctx) for blk in self.blocks]
+
+    def forward_block(self, x: torch.Tensor, t: torch.Tensor, start_frame: int, kv_caches: list[KVCache],
+                      cross_cache: tuple[CrossContext, list], y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One block of frames [start_frame, start_frame + f) through the caches.
+
+        x: [B, C, f, H, W]; t: [B, f] or [B]; y: this block's slice [B, 20, f, H, W] (i2v).
+        The block's roped K, V are written to `kv_caches` (so call it once per block with the
+        latents the cache should hold, e.g. the clean ones after denoising).
+        """
+        if self.config.model_type == "i2v":
+            if y is None:
+                raise ValueError("`y` (this block's slice of mask + first-frame latent) is required by an i2v model")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        tokens, grid = self.patchify(x)
+        t = t[:, None].expand(-1, grid[0]) if t.dim() == 1 else t
+        e, e0 = self.embed_time(t)
+        rope = rope_table(self.config.head_dim, grid, start_frame=start_frame, device=tokens.device)
+        ctx, cross_kv = cross_cache
+        for block, cache, kv in zip(self.blocks, kv_caches, cross_kv):
+            tokens = block(tokens, e0, rope, ctx, cross_kv=kv, kv_cache=cache)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+    def recache(self, frames: torch.Tensor, start_frame: int, kv_caches: list[KVCache],
+                cross_cache: tuple[CrossContext, list], keep_sink: bool = True, y: Optional[torch.Tensor] = None,
+                context_t: float = 0.0) -> None:
+        """LongLive's re-cache after a prompt switch: forget the cached K, V (keeping a full sink if
+        asked), then re-run the given clean frames [start_frame, ...) block by block at timestep
+        `context_t` under the NEW cross-attention cache."""
+        for cache in kv_caches:
+            cache.reset(keep_sink=keep_sink)
+        n = self.causal.num_frame_per_block
+        b = frames.shape[0]
+        with torch.no_grad():
+            for a in range(0, frames.shape[2], n):
+                chunk = frames[:, :, a:a + n]
+                ys = y[:, :, a:a + n] if y is not None else None
+                self.forward_block(chunk, torch.full((b,), context_t, device=frames.device), start_frame + a,
+                                   kv_caches, cross_cache, ys)

@@ -1,0 +1,138 @@
+"""Causal Wan: masks follow the Self-Forcing / LongLive rules, cached block-by-block inference
+equals the full block-causal forward, one block covering everything equals WanModel."""
+import pytest
+import torch
+
+from model.causal import (CausalConfig, CausalWanModel, frame_blocks, frame_mask, teacher_forcing_frame_mask)
+from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
+from model.kv_cache import KVCache, gather_visible
+from model.wan import WanModel
+from tests.model.test_wan import randomize
+
+H, W = 4, 6  # latent grid -> 2 x 3 = 6 tokens per frame
+
+
+def test_frame_count_must_split_into_blocks_with_a_helpful_error():
+    assert frame_blocks(21, CausalConfig(4, independent_first_frame=True))[:3] == [(0, 1), (1, 5), (5, 9)]
+    with pytest.raises(ValueError, match=r"num_frames - 1 = 20 is not a multiple of num_frame_per_block = 3.*\[1, 2, 4, 5, 10, 20\]"):
+        frame_blocks(21, CausalConfig(3, independent_first_frame=True))
+    assert len(frame_blocks(21, CausalConfig(3))) == 7
+
+
+def test_masks_follow_the_block_window_and_sink_rules():
+    m = frame_mask(6, CausalConfig(2))
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0]] * 2 + [[1, 1, 1, 1, 0, 0]] * 2 + [[1] * 6] * 2, dtype=torch.bool)
+    assert torch.equal(m, expected)
+    local = frame_mask(8, CausalConfig(2, local_attn_size=5, sink_size=1))
+    # frame 7 (block end 8) sees frames 4..7 (the last 5 - 1 = 4) and the sink frame 0
+    assert local[7].nonzero().flatten().tolist() == [0, 4, 5, 6, 7]
+    tf = teacher_forcing_frame_mask(4, CausalConfig(2))
+    # noisy frame 2 (block 1) sees clean frames 0, 1 and noisy frames 2, 3 only
+    assert tf[4 + 2].nonzero().flatten().tolist() == [0, 1, 6, 7]
+    assert tf[4 + 0].nonzero().flatten().tolist() == [4, 5]
+
+
+def test_kv_cache_ring_buffer_wraps_in_place_and_keeps_the_sink():
+    cache = KVCache(batch=1, sink_tokens=2, ring_tokens=3, heads=1, head_dim=1)
+    buffer_id = cache.k.data_ptr()
+    for start in range(0, 9, 3):  # write tokens 0..8 in blocks of 3 (token value = position)
+        vals = torch.arange(start, start + 3, dtype=torch.float32).view(1, 3, 1, 1)
+        cache.write(vals, vals)
+    k, _ = gather_visible(cache.view())
+    assert k.flatten().tolist() == [0, 1, 6, 7, 8]  # sink 0, 1 + the 3 most recent
+    assert cache.k.data_ptr() == buffer_id and cache.capacity == 5  # no reallocation
+    cache.reset(keep_sink=True)
+    cache.write(torch.full((1, 2, 1, 1), 9.0), torch.full((1, 2, 1, 1), 9.0))
+    assert gather_visible(cache.view())[0].flatten().tolist() == [0, 1, 9, 9]
+
+
+def _inputs(cfg, f, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 16, f, H, W, generator=g)
+    t = torch.rand(b, f, generator=g) * 1000
+    ctx = torch.randn(b, 7, cfg.text_dim, generator=g)
+    cond = {}
+    if cfg.model_type == "i2v":
+        cond.update(clip_fea=torch.randn(b, 257, cfg.clip_dim, generator=g), y=torch.randn(b, 20, f, H, W, generator=g))
+    if cfg.reference_paths.vae:
+        cond.update(ref_vae=torch.randn(b, 16, 1, H, W, generator=g))
+    if cfg.reference_paths.clip:
+        cond.update(ref_clip=torch.randn(b, 5, cfg.clip_dim, generator=g))
+    return x, t, ctx, cond
+
+
+CASES = {
+    "t2v": (WAN_TINY, CausalConfig(2), 6),
+    "i2v-first-frame": (WAN_TINY_I2V, CausalConfig(2, independent_first_frame=True), 5),
+    "t2v-window-sink": (WAN_TINY, CausalConfig(1, local_attn_size=3, sink_size=1), 6),
+    "i2v-window": (WAN_TINY_I2V, CausalConfig(2, local_attn_size=4), 6),
+    "t2v-references": (WAN_TINY.replace(reference_paths=ReferencePathsConfig(clip=True, vae=True, fused=True)),
+                       CausalConfig(3), 6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_block_by_block_equals_the_full_block_causal_forward(case):
+    cfg, causal, f = CASES[case]
+    torch.manual_seed(0)
+    model = randomize(CausalWanModel(cfg, causal))
+    x, t, ctx, cond = _inputs(cfg, f)
+    full = model(x, t, ctx, **cond)
+    y = cond.pop("y", None)
+    cross = model.cross_attention_cache(ctx, **cond)
+    caches = model.new_kv_caches(x.shape[0], frame_tokens=6, max_frames=f)
+    outs = []
+    for a, b in frame_blocks(f, causal):
+        ys = y[:, :, a:b] if y is not None else None
+        outs.append(model.forward_block(x[:, :, a:b], t[:, a:b], a, caches, cross, y=ys))
+    torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-5, atol=1e-5)
+
+
+def test_one_block_covering_all_frames_equals_wan_model():
+    cfg = WAN_TINY_I2V
+    model = randomize(CausalWanModel(cfg, CausalConfig(num_frame_per_block=4)))
+    wan = WanModel(cfg)
+    wan.load_state_dict(model.state_dict())  # same keys, same shapes
+    x, t, ctx, cond = _inputs(cfg, 4)
+    torch.testing.assert_close(model(x, t, ctx, **cond), wan(x, t, ctx, **cond), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_forcing_noisy_half_sees_clean_history_only():
+    cfg, causal, f = WAN_TINY, CausalConfig(2), 4
+    model = randomize(CausalWanModel(cfg, causal))
+    x, t, ctx, _ = _inputs(cfg, f)
+    clean = torch.randn_like(x)
+    out = model(x, t, ctx, clean_x=clean)
+    assert out.shape == x.shape
+    # changing the clean frames of the LAST block cannot affect any noisy output
+    clean2 = clean.clone()
+    clean2[:, :, 2:] += 5
+    torch.testing.assert_close(model(x, t, ctx, clean_x=clean2), out, rtol=0, atol=1e-6)
+    # changing clean block 0 changes noisy block 1 but not noisy block 0
+    clean3 = clean.clone()
+    clean3[:, :, :2] += 5
+    moved = model(x, t, ctx, clean_x=clean3)
+    torch.testing.assert_close(moved[:, :, :2], out[:, :, :2], rtol=0, atol=1e-6)
+    assert (moved[:, :, 2:] - out[:, :, 2:]).abs().max() > 1e-3
+
+
+def test_recache_after_a_prompt_switch_matches_a_fresh_run_with_the_new_prompt():
+    cfg, causal, f = WAN_TINY, CausalConfig(2, local_attn_size=4), 6
+    model = randomize(CausalWanModel(cfg, causal))
+    x, t, ctx, _ = _inputs(cfg, f)
+    new_ctx = torch.randn_like(ctx)
+    caches = model.new_kv_caches(2, 6, f)
+    old = model.cross_attention_cache(ctx)
+    for a, b in frame_blocks(4, causal):
+        model.forward_block(x[:, :, a:b], torch.zeros(2), a, caches, old)
+    new = model.cross_attention_cache(new_ctx)
+    model.recache(x[:, :, 0:4], 0, caches, new, keep_sink=False)
+    after = model.forward_block(x[:, :, 4:6], t[:, 4:6], 4, caches, new)
+    fresh = model.new_kv_caches(2, 6, f)
+    for a, b in frame_blocks(4, causal):
+        model.forward_block(x[:, :, a:b], torch.zeros(2), a, fresh, new)
+    torch.testing.assert_close(after, model.forward_block(x[:, :, 4:6], t[:, 4:6], 4, fresh, new), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_keys_are_wan_keys():
+    assert set(CausalWanModel(WAN_TINY).state_dict()) == set(WanModel(WAN_TINY).state_dict())
