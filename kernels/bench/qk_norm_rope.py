@@ -60,14 +60,17 @@ def _rope_params(max_seq_len: int, dim: int) -> torch.Tensor:
     return torch.polar(torch.ones_like(freqs), freqs)
 
 
-def official_freqs(head_dim: int, device: torch.device) -> torch.Tensor:
+def official_freqs(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """WanModel.freqs: complex128 [1024, D/2] (t, h, w axes concatenated)."""
     d = head_dim
     return torch.cat([_rope_params(ROPE_POSITIONS, d - 4 * (d // 6)), _rope_params(ROPE_POSITIONS, 2 * (d // 6)),
                       _rope_params(ROPE_POSITIONS, 2 * (d // 6))], dim=1).to(device)
 
 
-def _official_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def official_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor,
+                        keep_float64: bool = False) -> torch.Tensor:
+    """Upstream's per-sample float64 complex loop; returns fp32 as upstream does (or keeps a
+    float64 result with `keep_float64`, for the tests' float64 parity)."""
     n, c = x.size(2), x.size(3) // 2
     freqs = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
     output = []
@@ -82,14 +85,15 @@ def _official_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch
         x_i = torch.view_as_real(x_i * freqs_i).flatten(2)
         x_i = torch.cat([x_i, x[i, seq_len:]])
         output.append(x_i)
-    return torch.stack(output).float()
+    out = torch.stack(output)
+    return out if keep_float64 else out.float()
 
 
 def official_qk_norm_rope(x, weight, grid_sizes, freqs, num_heads: int, eps: float = EPS) -> torch.Tensor:
     """`rope_apply(norm_q(q).view(b, s, n, d), grid_sizes, freqs)` as WanSelfAttention does."""
     y = x.float()
     normed = (y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
-    return _official_rope_apply(normed.unflatten(-1, (num_heads, -1)), grid_sizes, freqs)
+    return official_rope_apply(normed.unflatten(-1, (num_heads, -1)), grid_sizes, freqs)
 
 
 def table_from_freqs(freqs: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from model.encoders.loading import check_loading_info
+
 logger = logging.getLogger(__name__)
 
 CLIP_IMAGE_SIZE = 224
@@ -162,16 +164,6 @@ def preprocess_images(images: torch.Tensor, image_size: int = CLIP_IMAGE_SIZE) -
     return (x - mean) / std
 
 
-def _check_loading_info(info: Mapping[str, object], what: str, allowed_unexpected: str = "") -> None:
-    """Raise naming keys reported missing, mis-shaped or unexpected (except `allowed_unexpected*`)."""
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind) or ())
-        if kind == "unexpected_keys" and allowed_unexpected:
-            keys = [k for k in keys if not k.startswith(allowed_unexpected)]
-        if keys:
-            raise ValueError(f"{what}: {kind.replace('_', ' ')}: {keys[:5]} ({len(keys)} in all)")
-
-
 class WanCLIPEncoder(nn.Module):
     """Frozen CLIP vision tower cut before its last block: images -> tokens [B, L, C]."""
 
@@ -207,7 +199,7 @@ class WanCLIPEncoder(nn.Module):
             None, config=cut, state_dict=convert_wan_clip_visual_state_dict(sd),
             dtype=dtype, output_loading_info=True,
         )
-        _check_loading_info(info, f"Wan CLIP checkpoint {checkpoint}")
+        check_loading_info(info, f"Wan CLIP checkpoint {checkpoint}")
         return cls(model.to(device))
 
     @classmethod
@@ -232,7 +224,7 @@ class WanCLIPEncoder(nn.Module):
             model_dir, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
         )
         skipped = f"encoder.layers.{last}." if drop_last_block else ""
-        _check_loading_info(info, f"CLIP directory {model_dir}", allowed_unexpected=skipped)
+        check_loading_info(info, f"CLIP directory {model_dir}", allowed_unexpected=skipped)
         return cls(model.to(device))
 
     @property

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from model.encoders.loading import check_loading_info
+
 logger = logging.getLogger(__name__)
 
 T5_TOKENS = 512
@@ -122,14 +124,6 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _check_loading_info(info: Mapping[str, object], what: str) -> None:
-    """Raise naming the keys transformers reported missing, unexpected or mis-shaped."""
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind) or ())
-        if keys:
-            raise ValueError(f"{what}: {kind.replace('_', ' ')}: {keys[:5]} ({len(keys)} in all)")
-
-
 class WanT5Encoder(nn.Module):
     """Frozen umT5 encoder + tokenizer: prompts -> zero-padded context [B, L, C] and lens [B]."""
 
@@ -166,7 +160,7 @@ class WanT5Encoder(nn.Module):
             dtype=dtype,
             output_loading_info=True,
         )
-        _check_loading_info(info, f"Wan T5 checkpoint {checkpoint}")
+        check_loading_info(info, f"Wan T5 checkpoint {checkpoint}")
         return cls(model.to(device), _load_tokenizer(tokenizer_dir))
 
     @classmethod

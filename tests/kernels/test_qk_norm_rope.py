@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels import qk_norm_rope as qnr
+from kernels.bench.qk_norm_rope import official_freqs, official_rope_apply
 from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from model.layers import WanRMSNorm, rope_apply, rope_table
 
@@ -22,37 +23,7 @@ FWD_RATIO, BWD_RATIO, SLACK = 2.0, 3.0, 1e-5
 CASES = [(128, 2, (2, 3, 4), 5), (32, 3, (3, 2, 5), 0), (10, 4, (2, 3, 3), 2)]
 
 
-# ---- Wan2.1's official formulation (wan/modules/model.py) -----------------------------------------
-def _rope_params(max_seq_len, dim, theta=10000):
-    freqs = torch.outer(torch.arange(max_seq_len), 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float64).div(dim)))
-    return torch.polar(torch.ones_like(freqs), freqs)
-
-
-def official_freqs(d):
-    """WanModel.freqs for head dim d: complex128 [1024, d/2]."""
-    return torch.cat([_rope_params(1024, d - 4 * (d // 6)), _rope_params(1024, 2 * (d // 6)),
-                      _rope_params(1024, 2 * (d // 6))], dim=1)
-
-
-def official_rope_apply(x, grid_sizes, freqs):
-    """Upstream's rope_apply, less its final `.float()` so that float64 stays float64."""
-    n, c = x.size(2), x.size(3) // 2
-    freqs = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
-    output = []
-    for i, (f, h, w) in enumerate(grid_sizes.tolist()):
-        seq_len = f * h * w
-        x_i = torch.view_as_complex(x[i, :seq_len].to(torch.float64).reshape(seq_len, n, -1, 2))
-        freqs_i = torch.cat([
-            freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-            freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-            freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
-        ], dim=-1).reshape(seq_len, 1, -1)
-        x_i = torch.view_as_real(x_i * freqs_i).flatten(2)
-        x_i = torch.cat([x_i, x[i, seq_len:]])
-        output.append(x_i)
-    return torch.stack(output)
-
-
+# ---- Wan2.1's official formulation (wan/modules/model.py), shared with the benchmark ---------------
 def official(x, weight, grid, num_heads):
     """`rope_apply(norm_q(x).view(b, s, n, d), grid_sizes, freqs)`. WanRMSNorm computes in
     `x.float()`; a float64 x stays float64 here (upstream's `.float()` would round it)."""
@@ -60,7 +31,7 @@ def official(x, weight, grid, num_heads):
     normed = (y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + EPS)).type_as(x) * weight
     grid_sizes = torch.tensor([grid] * x.shape[0])
     return official_rope_apply(normed.unflatten(-1, (num_heads, -1)), grid_sizes,
-                               official_freqs(x.shape[-1] // num_heads))
+                               official_freqs(x.shape[-1] // num_heads), keep_float64=True)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
