@@ -120,3 +120,27 @@ def test_lora_run_exports_a_peft_adapter(demo_config, tmp_path):
 def test_unknown_config_key_is_an_error_naming_it(demo_config, tmp_path):
     proc = launch(demo_config, tmp_path / "bad", ranks=1, sets=("opens2v.sample_strid=3",))
     assert proc.returncode != 0 and "opens2v.sample_strid" in proc.output
+
+
+def test_two_node_hostfile_launch_without_ssh(demo_config, tmp_path):
+    """`deepspeed --hostfile` over two 'nodes' on this machine: one launcher per node rank."""
+    import os
+    import subprocess
+    import sys
+
+    from ds_trainer.demo import REPO, _free_port
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(_free_port())
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANSPEED_NO_PROGRESS="1", PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+         f"--node_rank={r}", "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "ds_trainer.train",
+         "--config", str(demo_config), "--logdir", str(tmp_path / "run"), "--disable-wandb",
+         "--set", "max_iters=3", "--set", "log_iters=3"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert '{"finished": {"step": 3' in outs[0]
+    meta = json.loads((tmp_path / "run" / "checkpoint_opens2v_000003" / "meta.json").read_text())
+    assert meta["world_size"] == 2
