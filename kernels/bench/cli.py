@@ -13,7 +13,9 @@ from kernels.bench.harness import format_table, write_json
 log = logging.getLogger(__name__)
 # bench name -> module with `run(shapes: str, device: torch.device) -> list[Row]`
 BENCHES: dict[str, str] = {
+    "block_causal_attention": "kernels.bench.block_causal_attention",
     "fused_cross_attention": "kernels.bench.fused_cross_attention",
+    "kv_cache_attention": "kernels.bench.kv_cache_attention",
     "qk_norm_rope": "kernels.bench.qk_norm_rope",
 }
 SHAPE_SETS = ("tiny", "wan-1.3b", "wan-14b")

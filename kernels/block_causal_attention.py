@@ -1,0 +1,637 @@
+"""Block-causal self-attention (Self-Forcing / LongLive training masks), Triton, fwd + bwd.
+
+Shapes: B batch, L tokens, N heads, D head dim; q, k, v: [B, L, N, D]. The mask is given by a
+`BlockCausalLayout`: F latent frames of FT tokens each, grouped into blocks of FPB frames
+(optionally frame 0 alone: `independent_first_frame`, Self-Forcing's I2V mask). For a query in
+the block [s, e) (token indices):
+
+    visible keys = [lo, e)  U  [0, min(SINK, e))        lo = max(0, e - W)
+    W = local_frames * FT (a sliding window; no window: W = L), SINK = sink_frames * FT
+
+Teacher forcing: the sequence is [clean (L0 tokens) | noisy (L0 tokens)], L = 2 L0, the same
+block partition on both halves. Clean queries use the rule above inside the clean half; a noisy
+query of block [s, e) sees the clean context before its block, windowed the same way, and its
+own noisy block:  [lo, s) U [0, min(SINK, s)) U [L0 + s, L0 + e)  (Self-Forcing's
+`_prepare_teacher_forcing_mask`, generalised to windows and sinks).
+
+LongLive's `local_attn_size` counts the sink frames inside the window (keys
+`[0, sink) U [end - (local - sink) FT, end)`): that is local_frames = local_attn_size - sink_size.
+
+Per query row the visible keys are at most three disjoint ranges, A = [0, a1) (sink), B = [b0, b1)
+(block-causal window), C = [c0, c1) (own noisy block); every bound is a monotone function of
+the row, computed in the kernel from a few integers (no mask tensor, no index tables, so tile
+sizes stay free for autotuning). For a query tile, per range, the union over its rows gives the
+key tiles to visit and the intersection the tiles that every row sees: those take an unmasked
+fast path; the edge tiles are masked elementwise; every other key tile is skipped. Block edges
+need not align with tiles (1560 tokens a frame at 480x832).
+
+Forward (tutorial 06 layout): grid (cdiv(L, BLOCK_M), B * N), online softmax in base 2 (scores
+scaled by log2(e)/sqrt(D), exp2, fp32 m, l, acc); stores LSE = m + log2(l) [B, N, L].
+Backward, dS the gradient of the scaled scores:
+
+    D = rowsum(dO * O)      dS = P * (dP - D)      dP = dO V^T
+    dQ = dS K / sqrt(D)     dK = dS^T Q / sqrt(D)  dV = P^T dO
+
+dQ kernel: one program per query tile (same key-tile ranges as the forward); it first takes
+D from its O and dO tiles and writes it to `delta`. dK/dV kernel: one program per key tile; the
+queries that see key k are again at most two ranges with monotone bounds (the inverse of the
+rule above), so it loops only over query tiles that see the key tile. No atomics: deterministic.
+
+Precision: fp32 accumulation; P and dS rounded to the input dtype before their matmuls; fp32
+inputs use IEEE dots. Under the Triton interpreter bf16 is upcast to fp32 before `tl.dot`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fused_cross_attention import MIN_BLOCK_D, SUPPORTED_DTYPES, prune_by_registers
+
+LOG2E = 1.4426950408889634
+BIG = tl.constexpr(1 << 30)          # "no key": union bounds of rows with an empty range
+INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)  # test lengths (35..84) span several tiles
+
+
+@dataclass(frozen=True)
+class BlockCausalLayout:
+    """Which keys each query sees; token indices, frame-major.
+
+    frame_tokens: FT, tokens per latent frame (1560 at 480x832).
+    num_frames: F, latent frames of ONE sequence (of each half under teacher forcing).
+    frames_per_block: FPB, frames generated together (Self-Forcing: 3).
+    independent_first_frame: frame 0 is a block of its own (I2V), then blocks of FPB.
+    local_frames: sliding window in frames (keys >= block_end - local_frames * FT); -1: none.
+        Must be >= frames_per_block (a block always sees itself).
+    sink_frames: the first sink_frames frames stay visible (LongLive's frame sink); causal.
+    teacher_forcing: the sequence is [clean | noisy], each num_frames * FT tokens.
+    """
+
+    frame_tokens: int
+    num_frames: int
+    frames_per_block: int
+    independent_first_frame: bool = False
+    local_frames: int = -1
+    sink_frames: int = 0
+    teacher_forcing: bool = False
+
+    def __post_init__(self):
+        if min(self.frame_tokens, self.num_frames, self.frames_per_block) < 1:
+            raise ValueError(f"frame_tokens, num_frames and frames_per_block must be >= 1: {self}")
+        if self.local_frames != -1 and self.local_frames < self.frames_per_block:
+            raise ValueError(f"local_frames must be -1 (no window) or >= frames_per_block "
+                             f"({self.frames_per_block}), got {self.local_frames}")
+        if not 0 <= self.sink_frames <= self.num_frames:
+            raise ValueError(f"sink_frames must be in [0, num_frames={self.num_frames}], got {self.sink_frames}")
+
+    @property
+    def context_len(self) -> int:
+        """L0: tokens of one sequence (the clean half under teacher forcing)."""
+        return self.frame_tokens * self.num_frames
+
+    @property
+    def seq_len(self) -> int:
+        """L: tokens the attention runs over."""
+        return self.context_len * (2 if self.teacher_forcing else 1)
+
+    @property
+    def window_tokens(self) -> int:
+        """W: the window in tokens (L0 when there is none, which reaches back to key 0)."""
+        return self.context_len if self.local_frames == -1 else self.local_frames * self.frame_tokens
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Token [start, end) of each block of one sequence, in order."""
+        first = 1 if self.independent_first_frame else 0
+        starts = ([0] if first else []) + list(range(first, self.num_frames, self.frames_per_block))
+        ends = starts[1:] + [self.num_frames]
+        return [(s * self.frame_tokens, e * self.frame_tokens) for s, e in zip(starts, ends)]
+
+    def query_blocks(self) -> list[tuple[int, int, tuple[tuple[int, int], ...]]]:
+        """(q_start, q_end, visible key ranges) for every query block: the rule in plain Python,
+        written independently of the kernel's arithmetic (tests, references, per-block loops)."""
+        l0, sink = self.context_len, self.sink_frames * self.frame_tokens
+        out = []
+        for s, e in self.blocks():
+            lo = max(0, e - self.window_tokens)
+            out.append((s, e, _union([(0, min(sink, e)), (lo, e)])))
+        if self.teacher_forcing:
+            for s, e in self.blocks():
+                lo = max(0, e - self.window_tokens)
+                out.append((l0 + s, l0 + e, _union([(0, min(sink, s)), (lo, s), (l0 + s, l0 + e)])))
+        return out
+
+    def visible_pairs(self) -> int:
+        """Number of (query, key) pairs the mask keeps (for FLOP counts)."""
+        return sum((q1 - q0) * sum(k1 - k0 for k0, k1 in ranges) for q0, q1, ranges in self.query_blocks())
+
+    def kernel_args(self) -> list[int]:
+        """L0, FT, F, FPB, W, SINK as the kernels take them."""
+        return [self.context_len, self.frame_tokens, self.num_frames, self.frames_per_block,
+                self.window_tokens, self.sink_frames * self.frame_tokens]
+
+
+def _union(ranges) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged, non-empty ranges."""
+    merged: list[list[int]] = []
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return tuple((a, b) for a, b in merged)
+
+
+def _interpreting() -> bool:
+    """True when the kernels were built for the interpreter (TRITON_INTERPRET=1 at jit time)."""
+    return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+
+
+# ------------------------------------------------------------------------------------ helpers
+# Rows of one head of a contiguous [B, L, N, D] tensor sit at base + l * ROW + d, ROW = N * D.
+@triton.jit
+def _block_bounds(t, FT, NF, FPB, IFF: tl.constexpr):
+    """Token [s, e) of the block holding token t (index inside one sequence)."""
+    f = t // FT
+    if IFF:
+        bs = tl.where(f == 0, 0, 1 + (tl.maximum(f - 1, 0) // FPB) * FPB)
+        be = tl.where(f == 0, 1, bs + FPB)
+    else:
+        bs = (f // FPB) * FPB
+        be = bs + FPB
+    return bs * FT, tl.minimum(be, NF) * FT
+
+
+@triton.jit
+def _last_end_le(x, FT, NF, FPB, IFF: tl.constexpr):
+    """Largest block end (token) <= x, for x >= the end of the block of token x - W."""
+    fx = x // FT
+    if IFF:
+        e = tl.where(fx >= 1, 1 + (tl.maximum(fx - 1, 0) // FPB) * FPB, 0)
+    else:
+        e = (fx // FPB) * FPB
+    return tl.where(fx >= NF, NF, e) * FT
+
+
+@triton.jit
+def _row_ranges(offs_q, L, L0, FT, NF, FPB, W, SINK, IFF: tl.constexpr, TF: tl.constexpr, KIND: tl.constexpr):
+    """Visible keys of query rows offs_q (rows >= L act as row L - 1) are three disjoint ranges,
+    A = [0, a1) (sink), B = [b0, b1) (window), C = [c0, c1) (own noisy block); returns range
+    KIND (0, 1, 2) as (start, end) vectors, an empty range with equal bounds. One kind at a time
+    keeps two vectors live, not six (register pressure at D = 128)."""
+    q = tl.minimum(offs_q, L - 1)
+    if TF:
+        noisy = q >= L0
+        s, e = _block_bounds(tl.where(noisy, q - L0, q), FT, NF, FPB, IFF)
+        hi = tl.where(noisy, s, e)
+    else:
+        s, e = _block_bounds(q, FT, NF, FPB, IFF)
+        hi = e
+    if KIND == 2:
+        if TF:
+            return tl.where(noisy, L0 + s, 0), tl.where(noisy, L0 + e, 0)
+        return tl.zeros_like(q), tl.zeros_like(q)
+    lo = tl.maximum(e - W, 0)
+    a1 = tl.minimum(SINK, hi)
+    merged = lo <= a1  # sink and window touch: one range B = [0, hi)
+    if KIND == 0:
+        return tl.zeros_like(q), tl.where(merged, 0, a1)
+    b0 = tl.where(merged, 0, lo)
+    return b0, tl.maximum(hi, b0)
+
+
+@triton.jit
+def _col_ranges(offs_k, L, L0, FT, NF, FPB, W, SINK, IFF: tl.constexpr, TF: tl.constexpr):
+    """Queries that see key columns offs_k (columns >= L act as L - 1): two disjoint ranges
+    U = [u0, u1), V = [w0, w1), the exact inverse of `_row_ranges`."""
+    k = tl.minimum(offs_k, L - 1)
+    if TF:
+        noisy = k >= L0
+        t = tl.where(noisy, k - L0, k)
+    else:
+        t = k
+    s, e = _block_bounds(t, FT, NF, FPB, IFF)
+    hi = tl.where(t < SINK, L0, _last_end_le(t + W, FT, NF, FPB, IFF))  # last query seeing it, +1
+    if TF:
+        return (tl.where(noisy, L0 + s, s), tl.where(noisy, L0 + e, hi),
+                tl.where(noisy, 0, L0 + e), tl.where(noisy, 0, L0 + hi))
+    return s, hi, tl.zeros_like(k), tl.zeros_like(k)
+
+
+@triton.jit
+def _tile_split(x0, x1, BLOCK: tl.constexpr):
+    """Per-row ranges [x0, x1) -> tile starts: masked [t0, f0), full [f0, f1), masked [f1, t1)."""
+    nonempty = x1 > x0
+    lo_u = tl.min(tl.where(nonempty, x0, BIG), 0)
+    t1 = tl.max(tl.where(nonempty, x1, 0), 0)
+    t0 = (lo_u // BLOCK) * BLOCK
+    f0 = tl.minimum(tl.maximum(tl.cdiv(tl.max(x0, 0), BLOCK) * BLOCK, t0), t1)
+    f1 = tl.maximum(tl.minimum((tl.min(x1, 0) // BLOCK) * BLOCK, t1), f0)
+    return t0, f0, f1, t1
+
+
+@triton.jit
+def _count(VISITS, row, start, MASKED: tl.constexpr, BLOCK: tl.constexpr, DEBUG: tl.constexpr):
+    """Debug only: visits[row, tile] += 1 (masked) or 256 (fast path)."""
+    if DEBUG:
+        tl.atomic_add(VISITS + row + start // BLOCK, 1 if MASKED else 256)
+
+
+@triton.jit
+def _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
+              ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+              PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    ptrs = kv + offs_n[:, None] * ROW + offs_d[None, :]
+    if MASKED:
+        mask = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    else:
+        mask = offs_d[None, :] < HEAD_DIM
+    k = tl.load(K + ptrs, mask=mask, other=0.0).to(DOT)
+    v = tl.load(V + ptrs, mask=mask, other=0.0).to(DOT)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((offs_n[None, :] >= x0[:, None]) & (offs_n[None, :] < x1[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row with no key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_range(q, K, V, kv, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale, VISITS, vrow,
+               ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+               PRECISION: tl.constexpr, DEBUG: tl.constexpr):
+    """Online softmax over the key tiles that meet one range kind [x0, x1) of the tile's rows."""
+    t0, f0, f1, t1 = _tile_split(x0, x1, BLOCK_N)
+    for start in range(t0, f0, BLOCK_N):
+        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
+        m_i, l_i, acc = _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
+                                  ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
+    for start in range(f0, f1, BLOCK_N):
+        _count(VISITS, vrow, start, False, BLOCK_N, DEBUG)
+        m_i, l_i, acc = _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
+                                  ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, False)
+    for start in range(f1, t1, BLOCK_N):
+        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
+        m_i, l_i, acc = _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
+                                  ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
+             ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+             PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    ptrs = kv + offs_n[:, None] * ROW + offs_d[None, :]
+    if MASKED:
+        mask = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    else:
+        mask = offs_d[None, :] < HEAD_DIM
+    k = tl.load(K + ptrs, mask=mask, other=0.0).to(DOT)
+    v = tl.load(V + ptrs, mask=mask, other=0.0).to(DOT)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((offs_n[None, :] >= x0[:, None]) & (offs_n[None, :] < x1[:, None]), s, float("-inf"))
+    p = tl.math.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return dq + tl.dot((p * (dp - delta[:, None])).to(DOT), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse, delta, K, V, kv, x0, x1, L, offs_d, qk_scale, VISITS, vrow,
+              ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+              PRECISION: tl.constexpr, DEBUG: tl.constexpr):
+    t0, f0, f1, t1 = _tile_split(x0, x1, BLOCK_N)
+    for start in range(t0, f0, BLOCK_N):
+        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
+                      ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
+    for start in range(f0, f1, BLOCK_N):
+        _count(VISITS, vrow, start, False, BLOCK_N, DEBUG)
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
+                      ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, False)
+    for start in range(f1, t1, BLOCK_N):
+        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
+                      ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
+    return dq
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
+               ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr,
+               PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    offs_m = start + tl.arange(0, BLOCK_M)
+    ptrs = qb + offs_m[:, None] * ROW + offs_d[None, :]
+    if MASKED:
+        mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+        row_ok = offs_m < L
+    else:
+        mask = offs_d[None, :] < HEAD_DIM
+        row_ok = offs_m >= 0
+    q = tl.load(Q + ptrs, mask=mask, other=0.0).to(DOT)
+    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(DOT)
+    lse = tl.load(LSE + stat + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + stat + offs_m, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+    if MASKED:
+        s_t = tl.where((offs_m[None, :] >= x0[:, None]) & (offs_m[None, :] < x1[:, None]), s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    dv += tl.dot(p_t.to(DOT), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dk += tl.dot((p_t * (dp_t - delta[None, :])).to(DOT), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, x0, x1, L, offs_d, qk_scale, VISITS, vrow,
+                ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr,
+                PRECISION: tl.constexpr, DEBUG: tl.constexpr):
+    t0, f0, f1, t1 = _tile_split(x0, x1, BLOCK_M)
+    for start in range(t0, f0, BLOCK_M):
+        _count(VISITS, vrow, start, True, BLOCK_M, DEBUG)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
+                            ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, True)
+    for start in range(f0, f1, BLOCK_M):
+        _count(VISITS, vrow, start, False, BLOCK_M, DEBUG)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
+                            ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, False)
+    for start in range(f1, t1, BLOCK_M):
+        _count(VISITS, vrow, start, True, BLOCK_M, DEBUG)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
+                            ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, True)
+    return dk, dv
+
+
+# ----------------------------------------------------------------------------- autotune space
+def _configs(tiles, warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in tiles for w in warps for s in stages]
+
+
+FWD_CONFIGS = _configs([(64, 64), (128, 32), (128, 64), (128, 128)])
+DQ_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64)])
+DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (64, 128)])
+_KEY = ["L", "L0", "FT", "NF", "FPB", "W", "SINK", "HEADS", "HEAD_DIM", "IFF", "TF"]
+_NO_SPECIALIZE = ["L", "L0", "FT", "NF", "FPB", "W", "SINK"]  # a layout int of 1 stays an int
+
+
+# ------------------------------------------------------------------------------------ kernels
+# Layout arguments: L, L0 (context length), FT, NF (frames), FPB, W (window tokens), SINK (tokens).
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _fwd_kernel(Q, K, V, O, LSE, VISITS, L, L0, FT, NF, FPB, W, SINK, qk_scale,
+                HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IFF: tl.constexpr,
+                TF: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, DEBUG: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_M), B * N): O tile and its LSE (base 2) over the visible keys."""
+    ROW: tl.constexpr = HEADS * HEAD_DIM
+    off_b = (tl.program_id(1) // HEADS).to(tl.int64)
+    off_n = tl.program_id(1) % HEADS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = off_b * L * ROW + off_n * HEAD_DIM
+    io_mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + base + offs_m[:, None] * ROW + offs_d[None, :], mask=io_mask, other=0.0).to(DOT)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    vrow = tl.program_id(0) * tl.cdiv(L, BLOCK_N)
+    for kind in tl.static_range(3 if TF else 2):
+        x0, x1 = _row_ranges(offs_m, L, L0, FT, NF, FPB, W, SINK, IFF, TF, kind)
+        m_i, l_i, acc = _fwd_range(q, K, V, base, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
+                                   VISITS, vrow, ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, DEBUG)
+    # every valid row sees at least its own key, so l_i > 0 there
+    tl.store(O + base + offs_m[:, None] * ROW + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+             mask=io_mask)
+    tl.store(LSE + (off_b * HEADS + off_n) * L + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < L)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, VISITS, L, L0, FT, NF, FPB, W, SINK, qk_scale, sm_scale,
+                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IFF: tl.constexpr,
+                   TF: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, DEBUG: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_M), B * N): D = rowsum(dO * O) to `delta`, then the dQ tile."""
+    ROW: tl.constexpr = HEADS * HEAD_DIM
+    off_b = (tl.program_id(1) // HEADS).to(tl.int64)
+    off_n = tl.program_id(1) % HEADS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = off_b * L * ROW + off_n * HEAD_DIM
+    ptrs = base + offs_m[:, None] * ROW + offs_d[None, :]
+    io_mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    stat = (off_b * HEADS + off_n) * L
+    q = tl.load(Q + ptrs, mask=io_mask, other=0.0).to(DOT)
+    do = tl.load(DO + ptrs, mask=io_mask, other=0.0)
+    delta = tl.sum(tl.load(O + ptrs, mask=io_mask, other=0.0).to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + stat + offs_m, delta, mask=offs_m < L)
+    do = do.to(DOT)
+    lse = tl.load(LSE + stat + offs_m, mask=offs_m < L, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    vrow = tl.program_id(0) * tl.cdiv(L, BLOCK_N)
+    for kind in tl.static_range(3 if TF else 2):
+        x0, x1 = _row_ranges(offs_m, L, L0, FT, NF, FPB, W, SINK, IFF, TF, kind)
+        dq = _dq_range(dq, q, do, lse, delta, K, V, base, x0, x1, L, offs_d, qk_scale, VISITS, vrow,
+                       ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, DEBUG)
+    tl.store(DQ + ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, VISITS, L, L0, FT, NF, FPB, W, SINK, qk_scale, sm_scale,
+                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IFF: tl.constexpr,
+                     TF: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, DEBUG: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_N), B * N): dK, dV of one key tile over the query tiles that see it."""
+    ROW: tl.constexpr = HEADS * HEAD_DIM
+    off_b = (tl.program_id(1) // HEADS).to(tl.int64)
+    off_n = tl.program_id(1) % HEADS
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = off_b * L * ROW + off_n * HEAD_DIM
+    ptrs = base + offs_n[:, None] * ROW + offs_d[None, :]
+    io_mask = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    stat = (off_b * HEADS + off_n) * L
+    k = tl.load(K + ptrs, mask=io_mask, other=0.0).to(DOT)
+    v = tl.load(V + ptrs, mask=io_mask, other=0.0).to(DOT)
+    u0, u1, w0, w1 = _col_ranges(offs_n, L, L0, FT, NF, FPB, W, SINK, IFF, TF)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    vrow = tl.program_id(0) * tl.cdiv(L, BLOCK_M)
+    dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, base, stat, u0, u1, L, offs_d, qk_scale, VISITS, vrow,
+                         ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, DEBUG)
+    if TF:
+        dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, base, stat, w0, w1, L, offs_d, qk_scale, VISITS,
+                             vrow, ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, DEBUG)
+    tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=io_mask)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
+
+
+_prune_fwd = functools.partial(prune_by_registers, rows="BLOCK_M", accumulators=1, scores=1)   # acc | s
+_prune_dq = functools.partial(prune_by_registers, rows="BLOCK_M", accumulators=1, scores=2)    # dq | p, dp
+_prune_dkdv = functools.partial(prune_by_registers, rows="BLOCK_N", accumulators=2, scores=2)  # dk, dv | p, dp
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
+_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
+    _bwd_dq_kernel)
+_bwd_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})(
+    _bwd_dkdv_kernel)
+
+
+# ----------------------------------------------------------------------------------- launcher
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _launch(raw, tuned, grid, args, consts, blocks: Optional[dict] = None):
+    """`tuned` with grid(meta) on a GPU; `raw` with fixed blocks (the interpreter's, or `blocks`)."""
+    if blocks is not None or _interpreting():
+        blocks = blocks or INTERPRET_BLOCKS
+        raw[grid(blocks)](*args, **consts, **blocks)
+    else:
+        tuned[grid](*args, **consts)
+
+
+def _constants(q: torch.Tensor, layout: BlockCausalLayout, debug: bool) -> dict:
+    d = q.shape[-1]
+    interpret_bf16 = _interpreting() and q.dtype == torch.bfloat16  # bf16 tl.dot is broken there
+    return dict(HEADS=q.shape[2], HEAD_DIM=d, BLOCK_D=max(MIN_BLOCK_D, triton.next_power_of_2(d)),
+                IFF=layout.independent_first_frame, TF=layout.teacher_forcing,
+                DOT=tl.float32 if interpret_bf16 else _DOT_DTYPES[q.dtype],
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DEBUG=debug)
+
+
+class _BlockCausalAttention(torch.autograd.Function):
+    """q, k, v: contiguous [B, L, N, D], one dtype. Saves q, k, v, O and LSE [B, N, L] fp32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout):
+        b, length, n, d = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(b, n, length, device=q.device, dtype=torch.float32)
+        _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(length, m["BLOCK_M"]), b * n),
+                [q, k, v, out, lse, lse, length, *layout.kernel_args(), d ** -0.5 * LOG2E],
+                _constants(q, layout, False))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout = layout
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        b, length, n, d = q.shape
+        do = do.contiguous().to(q.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
+        consts = _constants(q, layout, False)
+        scales = [d ** -0.5 * LOG2E, d ** -0.5]
+        _launch(_bwd_dq_kernel, _bwd_dq_tuned, lambda m: (triton.cdiv(length, m["BLOCK_M"]), b * n),
+                [q, k, v, out, do, dq, lse, delta, lse, length, *layout.kernel_args(), *scales], consts)
+        _launch(_bwd_dkdv_kernel, _bwd_dkdv_tuned, lambda m: (triton.cdiv(length, m["BLOCK_N"]), b * n),
+                [q, k, v, do, dk, dv, lse, delta, lse, length, *layout.kernel_args(), *scales], consts)
+        return dq, dk, dv, None
+
+
+# ------------------------------------------------------------------------------- public entry
+def _check(q, k, v, layout: BlockCausalLayout) -> torch.dtype:
+    dtype = v.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"block_causal_attention supports {SUPPORTED_DTYPES}, got {dtype}; "
+                        f"use block_causal_attention_ref for other dtypes")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be [B, L, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[1] != layout.seq_len:
+        raise ValueError(f"sequence length {q.shape[1]} != layout.seq_len {layout.seq_len} ({layout})")
+    return dtype
+
+
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           layout: BlockCausalLayout) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask(layout)) v with the mask never built, fully masked tiles
+    skipped. q, k, v: [B, L, N, D], L = layout.seq_len; computes in v's dtype (fp16, bf16, fp32),
+    returns [B, L, N, D] in it. Differentiable in q, k and v."""
+    dtype = _check(q, k, v, layout)
+    if q.numel() == 0:
+        return block_causal_attention_ref(q.to(dtype), k.to(dtype), v)
+    return _BlockCausalAttention.apply(q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.contiguous(), layout)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   layout: Optional[BlockCausalLayout] = None) -> torch.Tensor:
+    """The model's self-attention entry point: block-causal under `layout`, full (one block
+    spanning all L tokens) without one. [B, L, N, D] in, [B, L, N, D] out."""
+    if layout is None:
+        layout = BlockCausalLayout(frame_tokens=max(q.shape[1], 1), num_frames=1, frames_per_block=1)
+    return block_causal_attention(q, k, v, layout)
+
+
+def tile_visits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockCausalLayout,
+                block_m: int = 16, block_n: int = 16) -> dict[str, torch.Tensor]:
+    """Debug/test helper: which tiles each kernel visits, with fixed tile sizes. Returns
+    {"fwd", "dq": [q tiles, k tiles], "dkdv": [k tiles, q tiles]} int tensors summed over B * N
+    programs: masked visits count 1, fast-path (unmasked) visits 256."""
+    dtype = _check(q, k, v, layout)
+    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+    b, length, n, d = q.shape
+    tq, tk = triton.cdiv(length, block_m), triton.cdiv(length, block_n)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    consts = _constants(q, layout, True)
+    scales = [d ** -0.5 * LOG2E, d ** -0.5]
+    visits = {name: torch.zeros(*shape, dtype=torch.int32, device=q.device)
+              for name, shape in (("fwd", (tq, tk)), ("dq", (tq, tk)), ("dkdv", (tk, tq)))}
+    out, lse = torch.empty_like(q), torch.empty(b, n, length, device=q.device, dtype=torch.float32)
+    grid_q, grid_k = (lambda m: (tq, b * n)), (lambda m: (tk, b * n))
+    _launch(_fwd_kernel, None, grid_q, [q, k, v, out, lse, visits["fwd"], length, *layout.kernel_args(),
+                                        scales[0]], consts, blocks)
+    do, delta = torch.ones_like(q), torch.empty_like(lse)
+    _launch(_bwd_dq_kernel, None, grid_q, [q, k, v, out, do, torch.empty_like(q), lse, delta, visits["dq"], length,
+                                           *layout.kernel_args(), *scales], consts, blocks)
+    _launch(_bwd_dkdv_kernel, None, grid_k, [q, k, v, do, torch.empty_like(k), torch.empty_like(v), lse, delta,
+                                             visits["dkdv"], length, *layout.kernel_args(), *scales], consts, blocks)
+    return visits
+
+
+def block_causal_mask(layout: BlockCausalLayout, device=None) -> torch.Tensor:
+    """[L, L] bool, True where query row i may attend key column j (from `query_blocks`).
+    Usable as `F.scaled_dot_product_attention(attn_mask=...)`; FlexAttention: `flex_mask_mod`."""
+    mask = torch.zeros(layout.seq_len, layout.seq_len, dtype=torch.bool, device=device)
+    for q0, q1, ranges in layout.query_blocks():
+        for k0, k1 in ranges:
+            mask[q0:q1, k0:k1] = True
+    return mask
+
+
+def flex_mask_mod(layout: BlockCausalLayout, device=None):
+    """A FlexAttention `mask_mod(b, h, q_idx, kv_idx)` for `create_block_mask`: per query token
+    three key ranges looked up in [L] int tables (no [L, L] tensor). Build the BlockMask once."""
+    table = torch.zeros(6, layout.seq_len, dtype=torch.int32)  # (start, end) of ranges 0..2 per query
+    for q0, q1, ranges in layout.query_blocks():
+        for i, (k0, k1) in enumerate(ranges):
+            table[2 * i, q0:q1], table[2 * i + 1, q0:q1] = k0, k1
+    r0s, r0e, r1s, r1e, r2s, r2e = table.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (((kv_idx >= r0s[q_idx]) & (kv_idx < r0e[q_idx])) | ((kv_idx >= r1s[q_idx]) & (kv_idx < r1e[q_idx]))
+                | ((kv_idx >= r2s[q_idx]) & (kv_idx < r2e[q_idx])))
+
+    return mask_mod
+
+
+def block_causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               layout: Optional[BlockCausalLayout] = None) -> torch.Tensor:
+    """Plain PyTorch: dense boolean mask + explicit softmax, any dtype (float64 in tests).
+    q, k, v: [B, L, N, D]; returns [B, L, N, D] in q's dtype. No layout: full attention."""
+    s = torch.einsum("bqnd,bknd->bnqk", q, k.to(q.dtype)) * q.shape[-1] ** -0.5
+    if layout is not None:
+        s = s.masked_fill(~block_causal_mask(layout, q.device), float("-inf"))
+    return torch.einsum("bnqk,bknd->bqnd", torch.softmax(s, dim=-1), v.to(q.dtype))
