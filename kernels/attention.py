@@ -16,6 +16,7 @@ here raises `AttentionBackendUnavailable` with the reason; there is no silent fa
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -90,6 +91,19 @@ class AttentionBackend:
     def attention(self, q, k, v, k_lens=None):
         raise NotImplementedError
 
+    def block_causal_attention(self, q, k, v, layout):
+        """Self-attention under a kernels.block_causal_attention.BlockCausalLayout: SDPA with the
+        dense [L, L] mask (cached per layout); the triton backend skips invisible tiles instead."""
+        return sdpa_attention(q, k, v, attn_mask=_dense_block_causal_mask(layout, str(q.device)))
+
+    def kv_cache_attention(self, q, k_cache, v_cache, sink_len: int, window_start: int, window_len: int):
+        """q [B, Lq, N, D] against a ring-buffer cache [B, C, N, D]: the sink [0, sink_len) plus
+        `window_len` slots from `window_start`, wrapping back to `sink_len`. Default: gather the
+        visible slots, then attention; the triton backend reads them in place."""
+        from kernels.kv_cache_attention import visible_slots  # noqa: PLC0415
+        idx = visible_slots(k_cache.shape[1], sink_len, window_start, window_len).to(k_cache.device)
+        return self.attention(q, k_cache[:, idx], v_cache[:, idx])
+
     def multi_path_attention(self, q: torch.Tensor, paths: Sequence[KVPath]) -> torch.Tensor:
         out = None
         for p in paths:
@@ -159,6 +173,18 @@ class TritonBackend(AttentionBackend):
 
         return fused_cross_attention(q, [KVPath(k, v, k_lens)])
 
+    def block_causal_attention(self, q, k, v, layout):
+        from kernels.block_causal_attention import block_causal_attention  # noqa: PLC0415
+        return block_causal_attention(q, k, v, layout)
+
+    def kv_cache_attention(self, q, k_cache, v_cache, sink_len: int, window_start: int, window_len: int):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+            # the in-place kernel is forward only; a rollout step with gradients (Self-Forcing's
+            # exit step) gathers the visible slots and runs the differentiable kernel
+            return super().kv_cache_attention(q, k_cache, v_cache, sink_len, window_start, window_len)
+        from kernels.kv_cache_attention import kv_cache_attention  # noqa: PLC0415
+        return kv_cache_attention(q, k_cache, v_cache, sink_len, window_start, window_len)
+
     def multi_path_attention(self, q: torch.Tensor, paths: Sequence[KVPath]) -> torch.Tensor:
         from kernels.fused_cross_attention import MAX_PATHS, fused_cross_attention  # noqa: PLC0415
 
@@ -217,11 +243,21 @@ def attention(q, k, v, k_lens=None, backend: Optional[str] = None) -> torch.Tens
     return get_backend(backend).attention(q, k, v, k_lens)
 
 
-def masked_attention(q, k, v, attn_mask: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-    """Attention under a dense [Lq, Lk] bool mask (the reference path of block-causal attention;
-    every backend currently runs it with SDPA)."""
-    get_backend(backend)  # still validate the requested backend
-    return sdpa_attention(q, k, v, attn_mask=attn_mask)
+def block_causal_attention(q, k, v, layout, backend: Optional[str] = None) -> torch.Tensor:
+    """Block-causal self-attention on [B, L, N, D] under `layout` (see BlockCausalLayout)."""
+    return get_backend(backend).block_causal_attention(q, k, v, layout)
+
+
+def kv_cache_attention(q, k_cache, v_cache, sink_len: int, window_start: int, window_len: int,
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """Attention of the current block's queries over a ring-buffer KV cache (see the backend method)."""
+    return get_backend(backend).kv_cache_attention(q, k_cache, v_cache, sink_len, window_start, window_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _dense_block_causal_mask(layout, device: str) -> torch.Tensor:
+    from kernels.block_causal_attention import block_causal_mask  # noqa: PLC0415
+    return block_causal_mask(layout, torch.device(device))
 
 
 def multi_path_attention(q, paths: Sequence[KVPath], backend: Optional[str] = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from kernels.block_causal_attention import BlockCausalLayout
 from model.config import WanConfig
 from model.kv_cache import KVCache, make_caches
 from model.layers import rope_table
@@ -48,41 +49,6 @@ def frame_blocks(num_frames: int, cfg: CausalConfig) -> list[tuple[int, int]]:
     return blocks + [(first + i * n, first + (i + 1) * n) for i in range(rest // n)]
 
 
-def frame_mask(num_frames: int, cfg: CausalConfig) -> torch.Tensor:
-    """[F, F] bool: query frame i may attend to key frame j."""
-    end = torch.zeros(num_frames, dtype=torch.long)
-    for a, b in frame_blocks(num_frames, cfg):
-        end[a:b] = b
-    j = torch.arange(num_frames)[None, :]
-    mask = j < end[:, None]
-    if cfg.local_attn_size > 0:
-        recent = j >= end[:, None] - (cfg.local_attn_size - cfg.sink_size)
-        mask &= recent | (j < cfg.sink_size)
-    return mask
-
-
-def teacher_forcing_frame_mask(num_frames: int, cfg: CausalConfig) -> torch.Tensor:
-    """[2F, 2F] bool over [clean | noisy] frames: clean frames are block-causal among themselves;
-    noisy block i sees the clean frames of the blocks before it and its own noisy block."""
-    f = num_frames
-    clean = frame_mask(f, cfg)
-    start = torch.zeros(f, dtype=torch.long)
-    same = torch.zeros(f, f, dtype=torch.bool)
-    for a, b in frame_blocks(f, cfg):
-        start[a:b] = a
-        same[a:b, a:b] = True
-    j = torch.arange(f)[None, :]
-    noisy_to_clean = (j < start[:, None]) & clean  # earlier blocks only, same window rule
-    top = torch.cat([clean, torch.zeros(f, f, dtype=torch.bool)], dim=1)
-    bottom = torch.cat([noisy_to_clean, same], dim=1)
-    return torch.cat([top, bottom], dim=0)
-
-
-def token_mask(frames: torch.Tensor, frame_tokens: int) -> torch.Tensor:
-    """Frame mask [Fq, Fk] -> token mask [Fq*T, Fk*T]."""
-    return frames.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
-
-
 class CausalWanModel(WanModel):
     """WanModel with block-causal attention; see the module docstring."""
 
@@ -91,6 +57,15 @@ class CausalWanModel(WanModel):
         if causal.local_attn_size > 0 and causal.sink_size >= causal.local_attn_size:
             raise ValueError(f"sink_size ({causal.sink_size}) must be below local_attn_size ({causal.local_attn_size})")
         self.causal = causal
+
+    def layout(self, num_frames: int, frame_tokens: int, teacher_forcing: bool = False) -> BlockCausalLayout:
+        """The attention layout of `num_frames` frames. LongLive's window counts its sink, so the
+        kernel's window (keys >= block end - local_frames frames) is local_attn_size - sink_size."""
+        c = self.causal
+        frame_blocks(num_frames, c)  # the frame count must split into blocks (clear error if not)
+        local = c.local_attn_size - c.sink_size if c.local_attn_size > 0 else -1
+        return BlockCausalLayout(frame_tokens, num_frames, c.num_frame_per_block, c.independent_first_frame,
+                                 local, c.sink_size, teacher_forcing)
 
     # ---------------------------------------------------------------------------- training
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clean_x: Optional[torch.Tensor] = None,
@@ -107,18 +82,16 @@ class CausalWanModel(WanModel):
         f, frame_tokens = grid[0], grid[1] * grid[2]
         t = t[:, None].expand(-1, f) if t.dim() == 1 else t
         cos, sin = rope_table(self.config.head_dim, grid, device=tokens.device)
-        if clean_x is None:
-            mask = token_mask(frame_mask(f, self.causal), frame_tokens).to(tokens.device)
-        else:
+        layout = self.layout(f, frame_tokens, teacher_forcing=clean_x is not None)
+        if clean_x is not None:
             clean_tokens, _ = self.patchify(clean_x)
             tokens = torch.cat([clean_tokens, tokens], dim=1)
             t = torch.cat([clean_t if clean_t is not None else torch.zeros_like(t), t], dim=1)
             cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
-            mask = token_mask(teacher_forcing_frame_mask(f, self.causal), frame_tokens).to(tokens.device)
         e, e0 = self.embed_time(t)
         ctx = self.embed_context(context, **cond)
         for block in self.blocks:
-            tokens = block(tokens, e0, (cos, sin), ctx, attn_mask=mask)
+            tokens = block(tokens, e0, (cos, sin), ctx, layout=layout)
         out = self.head(tokens, e)
         if clean_x is not None:
             out, e = out[:, f * frame_tokens:], e[:, f:]

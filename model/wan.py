@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import KVPath, attention, masked_attention, multi_path_attention
+from kernels.attention import (KVPath, attention, block_causal_attention, kv_cache_attention,
+                               multi_path_attention)
 from kernels.qk_norm_rope import qk_norm_rope
 from model.config import VAE_Z_DIM, WanConfig
-from model.kv_cache import gather_visible
 from model.layers import (Head, MLPProj, WanLayerNorm, WanRMSNorm, gate, modulate, rope_apply,
                           rope_table, sinusoidal_embedding_1d, upcast)
 
@@ -82,19 +82,20 @@ class WanSelfAttention(nn.Module):
         return q, k, _heads(self.v(x), self.num_heads)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
+                layout=None, kv_cache=None) -> torch.Tensor:
         """x: [B, L, dim]; rope: (cos, sin) [L, D/2] -> [B, L, dim].
 
-        attn_mask: [L, L] bool (block-causal training). kv_cache: a model.kv_cache.KVCache; the
-        block's roped k, v are written to it and q attends to everything it then holds.
+        layout: a BlockCausalLayout (block-causal training). kv_cache: a model.kv_cache.KVCache;
+        the block's roped k, v are written to it and q attends to what it then holds, in place.
         """
         q, k, v = self.qkv(x, rope)
         if kv_cache is not None:
             kv_cache.write(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
-            k, v = gather_visible(kv_cache.view())
-            out = attention(q, k, v, backend=self.attn_backend)
-        elif attn_mask is not None:
-            out = masked_attention(q, k, v, attn_mask, backend=self.attn_backend)
+            view = kv_cache.view()
+            out = kv_cache_attention(q, view.k, view.v, view.sink_len, view.window_start, view.window_len,
+                                     backend=self.attn_backend)
+        elif layout is not None:
+            out = block_causal_attention(q, k, v, layout, backend=self.attn_backend)
         else:
             out = attention(q, k, v, backend=self.attn_backend)  # [B, L, N, D]
         return self.o(out.flatten(2).to(self.o.weight.dtype))
@@ -164,12 +165,11 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, rope, context: CrossContext,
-                cross_kv: Optional[list[KVPath]] = None, attn_mask: Optional[torch.Tensor] = None,
-                kv_cache=None) -> torch.Tensor:
+                cross_kv: Optional[list[KVPath]] = None, layout=None, kv_cache=None) -> torch.Tensor:
         """x: [B, L, dim]; e0: [B, Fe, 6, dim] projected time embedding -> [B, L, dim]."""
         m = upcast(self.modulation)[:, None] + upcast(e0)  # [B, Fe, 6, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)
-        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), rope, attn_mask, kv_cache)
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), rope, layout, kv_cache)
         x = upcast(x) + gate(y, gate1)
         x = x + self.cross_attn(self.norm3(x), context, cross_kv)
         x = x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2).to(self.ffn[0].weight.dtype)), gate2)

@@ -3,7 +3,8 @@ equals the full block-causal forward, one block covering everything equals WanMo
 import pytest
 import torch
 
-from model.causal import (CausalConfig, CausalWanModel, frame_blocks, frame_mask, teacher_forcing_frame_mask)
+from kernels.block_causal_attention import block_causal_mask
+from model.causal import CausalConfig, CausalWanModel, frame_blocks
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
 from model.kv_cache import KVCache, gather_visible
 from model.wan import WanModel
@@ -19,14 +20,20 @@ def test_frame_count_must_split_into_blocks_with_a_helpful_error():
     assert len(frame_blocks(21, CausalConfig(3))) == 7
 
 
+def _frame_mask(causal, frames, teacher_forcing=False):
+    model = CausalWanModel.__new__(CausalWanModel)
+    model.causal = causal
+    return block_causal_mask(CausalWanModel.layout(model, frames, 1, teacher_forcing))
+
+
 def test_masks_follow_the_block_window_and_sink_rules():
-    m = frame_mask(6, CausalConfig(2))
+    m = _frame_mask(CausalConfig(2), 6)
     expected = torch.tensor([[1, 1, 0, 0, 0, 0]] * 2 + [[1, 1, 1, 1, 0, 0]] * 2 + [[1] * 6] * 2, dtype=torch.bool)
     assert torch.equal(m, expected)
-    local = frame_mask(8, CausalConfig(2, local_attn_size=5, sink_size=1))
-    # frame 7 (block end 8) sees frames 4..7 (the last 5 - 1 = 4) and the sink frame 0
+    local = _frame_mask(CausalConfig(2, local_attn_size=5, sink_size=1), 8)
+    # LongLive: the 5-frame budget counts the sink: frame 7 (block end 8) sees the last 4 frames + frame 0
     assert local[7].nonzero().flatten().tolist() == [0, 4, 5, 6, 7]
-    tf = teacher_forcing_frame_mask(4, CausalConfig(2))
+    tf = _frame_mask(CausalConfig(2), 4, teacher_forcing=True)
     # noisy frame 2 (block 1) sees clean frames 0, 1 and noisy frames 2, 3 only
     assert tf[4 + 2].nonzero().flatten().tolist() == [0, 1, 6, 7]
     assert tf[4 + 0].nonzero().flatten().tolist() == [4, 5]
@@ -136,3 +143,30 @@ def test_recache_after_a_prompt_switch_matches_a_fresh_run_with_the_new_prompt()
 
 def test_checkpoint_keys_are_wan_keys():
     assert set(CausalWanModel(WAN_TINY).state_dict()) == set(WanModel(WAN_TINY).state_dict())
+
+
+@pytest.mark.parametrize("case", ["t2v-window-sink", "i2v-first-frame"])
+def test_triton_backend_runs_the_causal_model_like_sdpa(case):
+    """Training forward through the block-causal kernel and cached inference through the in-place
+    KV-cache kernel (interpreter on CPU) equal the SDPA paths."""
+    cfg, causal, f = CASES[case]
+    model = randomize(CausalWanModel(cfg, causal))
+    x, t, ctx, cond = _inputs(cfg, f, b=1)
+    ref = model(x, t, ctx, **cond)
+    model.set_attn_backend("triton")
+    torch.testing.assert_close(model(x, t, ctx, **cond), ref, rtol=1e-4, atol=1e-5)
+    y = cond.pop("y", None)
+    cross = model.cross_attention_cache(ctx, **cond)
+    caches = model.new_kv_caches(1, frame_tokens=6, max_frames=f)
+    blocks = frame_blocks(f, causal)
+    with torch.no_grad():  # inference: the in-place forward-only kernel
+        outs = [model.forward_block(x[:, :, a:b], t[:, a:b], a, caches, cross, y=y[:, :, a:b] if y is not None else None)
+                for a, b in blocks]
+    torch.testing.assert_close(torch.cat(outs, dim=2), ref, rtol=1e-4, atol=1e-5)
+    # with gradients (a Self-Forcing exit step) the triton backend still works through the cache
+    caches = model.new_kv_caches(1, frame_tokens=6, max_frames=f)
+    cross = model.cross_attention_cache(ctx, **cond)
+    outs = [model.forward_block(x[:, :, a:b], t[:, a:b], a, caches, cross, y=y[:, :, a:b] if y is not None else None)
+            for a, b in blocks]
+    torch.cat(outs, dim=2).square().mean().backward()
+    assert model.blocks[0].self_attn.q.weight.grad is not None
