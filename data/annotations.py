@@ -37,7 +37,6 @@ class ClipAnnotation:
     num_frames: Optional[int]
     caption: str
     ann_frame_idx: int
-    source_hw: Optional[tuple[int, int]]
     subjects: list[SubjectAnnotation]
     scores: dict[str, float] = field(default_factory=dict)
 
@@ -82,14 +81,6 @@ def _caption(meta: dict, where: str) -> str:
     raise BadSample("missing-field", where, "no caption: neither 'metadata.face_cap_qwen' nor 'metadata.cap[0]'")
 
 
-def _resolution(meta: dict) -> Optional[tuple[int, int]]:
-    """metadata.resolution {height, width} if present and sane (it only enables a decode speed-up)."""
-    res = meta.get("resolution")
-    if isinstance(res, dict) and all(isinstance(res.get(k), (int, float)) and res[k] > 0 for k in ("height", "width")):
-        return int(res["height"]), int(res["width"])
-    return None
-
-
 def _range(value, dotted: str, where: str) -> tuple[int, int]:
     if not (isinstance(value, (list, tuple)) and len(value) == 2):
         raise BadSample("bad-field", where, f"field '{dotted}' must be [start, end], got {value!r}")
@@ -121,8 +112,7 @@ def parse_entry(key: str, entry: dict, json_path: str) -> ClipAnnotation:
     return ClipAnnotation(key=key, json_path=json_path, video_relpath=rel, face_cut=face_cut,
                           crop=tuple(int(v) for v in crop) if crop is not None else None,
                           num_frames=int(meta["num_frames"]) if isinstance(meta.get("num_frames"), (int, float)) else None,
-                          caption=_caption(meta, where), ann_frame_idx=ann_idx, subjects=subjects, scores=scores,
-                          source_hw=_resolution(meta))
+                          caption=_caption(meta, where), ann_frame_idx=ann_idx, subjects=subjects, scores=scores)
 
 
 def _subjects(entry: dict, frame_data: dict, ann_idx: int, where: str) -> list[SubjectAnnotation]:

@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.opens2v import MultiPartOpenS2VAdapterDataset, create_opens2v_dataloader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+
 import torch.nn as nn
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Optional
 
 import deepspeed
@@ -152,7 +151,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def local_path(path: Optional[str]) -> Optional[Path]:
-    return Path(path) if path else None

@@ -1,7 +1,6 @@
 """End-to-end DeepSpeed runs on CPU (2 ranks, gloo): what trains, what stays frozen, ZeRO stages
 agree, a killed run resumes exactly, checkpoints load the way the seed loads them."""
 import json
-import shutil
 
 import pytest
 import torch
