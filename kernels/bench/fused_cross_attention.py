@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.attention import KVPath
-from kernels.bench.harness import Case, Row, measure
+from kernels.bench.harness import SDPA_BACKENDS, Case, Row, measure
 
 KERNEL = "fused_cross_attention"
 OURS = "triton-fused"
@@ -36,8 +36,6 @@ BWD_FLOPS_FACTOR = 2.5        # backward FLOPs / forward FLOPs (tutorial convent
 T5_TOKENS, CLIP_TOKENS = 512, 257
 VAE_REF_TOKENS = 1560         # one 480x832 reference image: latent 60x104, patch (2, 2)
 WAN_TOKENS = 32760            # 81 frames at 480x832: 21 latent frames x 30 x 52
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass(frozen=True)

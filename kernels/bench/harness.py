@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.nn.attention import SDPBackend
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Every SDPA backend a stock provider may be pinned to (those that cannot run a case are skipped).
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass

@@ -21,15 +21,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
-from kernels.bench.harness import Case, Row, measure
+from kernels.bench.harness import SDPA_BACKENDS, Case, Row, measure
 
 KERNEL = "kv_cache_attention"
 OURS = "triton-kv-cache"
 FRAME_TOKENS = 1560
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass(frozen=True)
