@@ -12,7 +12,7 @@ from typing import Optional
 
 # name -> (module, one-line help); later jobs add rows here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("ds_trainer.demo", "run the main job on its embedded tiny default (CPU, a few seconds)"),
+    "demo": ("ds_trainer.demo", "the main job on its tiny default: synthetic data, 2-rank ZeRO-3 training on CPU, plot, mp4 (~1 min)"),
     "train": ("ds_trainer.train", "train the subject-reference adapters (launch with deepspeed, or plain for debugging)"),
     "cache": ("ds_trainer.cache_cmd", "precompute T5 / CLIP / VAE outputs so training loads no encoder"),
     "sample": ("ds_trainer.sample", "write a short mp4 from a trained run (few-step flow-matching sampler)"),
