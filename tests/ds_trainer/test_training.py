@@ -45,6 +45,16 @@ def test_zero3_two_ranks_trains_only_the_adapters(demo_config, tmp_path):
     assert json.loads((ckpt / "meta.json").read_text())["complete"]
     for name in ("config.yaml", "ds_config.json", "versions.json", "metrics.jsonl"):
         assert (tmp_path / "run" / name).exists(), name
+    # wanspeed plot and wanspeed sample on the finished run
+    import argparse
+
+    import decord
+
+    from ds_trainer import plot, sample
+    assert plot.plot_loss(tmp_path / "run").stat().st_size > 1000
+    sample.run(argparse.Namespace(logdir=tmp_path / "run", checkpoint=None, index=0, steps=2, out=None))
+    video = decord.VideoReader(str(tmp_path / "run" / "sample.mp4"))
+    assert len(video) == 4 * (cfg.num_training_frames - 1) + 1
 
 
 def test_zero2_zero3_and_offload_give_the_same_losses(demo_config, tmp_path):
