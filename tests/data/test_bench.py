@@ -1,0 +1,16 @@
+"""`wanspeed bench data` runs end to end on small synthetic clips and reports both rates."""
+import json
+
+from ds_trainer.cli import main
+
+
+def test_bench_data_runs_and_checks_both_paths_agree(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "data", "--clips", "2", "--source-frames", "40", "--source-height", "64",
+                 "--source-width", "96", "--height", "32", "--width", "48", "--num-training-frames", "3",
+                 "--workers", "0", "--out", str(out)])
+    assert code == 0
+    figures = json.loads(out.read_text())
+    assert figures["max_abs_diff_vs_baseline"] == 0.0  # the same frames, decoded two ways
+    assert figures["loader_clips_per_s"] > 0 and figures["baseline_decode_all_clips_per_s"] > 0
+    assert figures["pixel_frames"] == 9
