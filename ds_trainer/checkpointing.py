@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from ds_trainer.engine import gathered
+from ds_trainer.engine import gathered, process_rank
 
 log = logging.getLogger(__name__)
 PREFIX = "checkpoint_opens2v_"
@@ -46,10 +46,6 @@ def checkpoint_dir(logdir: Path, step: int) -> Path:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,7 +72,7 @@ def export_trainable(model: torch.nn.Module, stage: int) -> Optional[dict[str, t
     """Full tensors of the trainable parameters on rank 0 (None elsewhere); gathers only those."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with gathered([p for _, p in named], stage):
-        if _rank() != 0:
+        if process_rank() != 0:
             return None
         return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
 
@@ -88,9 +84,9 @@ def export_full(model: torch.nn.Module, stage: int, path: Path) -> None:
     for name, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
         with gathered([p for _, p in params], stage):
-            if _rank() == 0:
+            if process_rank() == 0:
                 out.update({f"{name}.{n}" if name else n: p.detach().to("cpu", copy=True) for n, p in params})
-    if _rank() == 0:
+    if process_rank() == 0:
         save_file(out, str(path))
     _barrier()
 
@@ -107,15 +103,15 @@ def save_checkpoint(engine, model, step: int, logdir: Path, meta: dict[str, Any]
     """Write a complete checkpoint for `step` (every rank calls this)."""
     final = checkpoint_dir(logdir, step)
     tmp = logdir / f".{final.name}.tmp"
-    if _rank() == 0:
+    if process_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=DS_TAG, client_state=client_state,
                            exclude_frozen_parameters=True)
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{process_rank()}.pt")
     weights = export_trainable(model, stage)
-    if _rank() == 0:
+    if process_rank() == 0:
         torch.save({"generator": weights}, tmp / "model.pt")
         save_file({k: v for k, v in weights.items() if "lora_" not in k}, str(tmp / "adapter.safetensors"))
         if lora:
@@ -123,7 +119,7 @@ def save_checkpoint(engine, model, step: int, logdir: Path, meta: dict[str, Any]
             save_file(_lora_state(model, weights), str(tmp / "lora" / "adapter_model.safetensors"))
             model.peft_config["default"].save_pretrained(str(tmp / "lora"))
     _barrier()
-    if _rank() == 0:
+    if process_rank() == 0:
         sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": sizes, "complete": True,
                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
@@ -202,7 +198,7 @@ def load_checkpoint(engine, ckpt: Path) -> dict[str, Any]:
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None:
         raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
-    rng = ckpt / f"rng_rank{_rank()}.pt"
+    rng = ckpt / f"rng_rank{process_rank()}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))
     return client

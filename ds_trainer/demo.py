@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -57,18 +56,13 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
     return config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_training(config: Path, logdir: Path, ranks: int, zero: str, extra: list[str] = ()) -> None:
     """`deepspeed --num_gpus N --module ds_trainer.train` on CPU (gloo), as a user would run it."""
+    from ds_trainer.engine import free_port  # noqa: PLC0415  (imports deepspeed)
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANSPEED_NO_PROGRESS=os.environ.get("WANSPEED_NO_PROGRESS", "0"),
                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
+           str(free_port()), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
            "--zero", zero, *extra]
     log.info("launching: %s", " ".join(cmd))
     subprocess.run(cmd, env=env, check=True, cwd=REPO)

@@ -18,14 +18,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ds_trainer.ds_config import zero_stage
-from model.checkpoint import CheckpointError, check_state_dict, load_state_dict_assign, read_checkpoint, strip_wrapper_prefix
+from model.checkpoint import CheckpointError, check_state_dict, load_wan_model, read_checkpoint, strip_wrapper_prefix
 from model.config import WanConfig
 from model.wan import WanModel, init_module_seeded
 
 log = logging.getLogger(__name__)
 
 
-def _rank() -> int:
+def process_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -50,12 +50,7 @@ def build_wan(cfg: WanConfig, ds_config: dict, checkpoint: Optional[str], device
             if any(True for _ in module.parameters(recurse=False)):
                 init_module_seeded(name, module, cfg, seed)
         return model.to(device=device, dtype=dtype)
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    sd, _, _ = read_checkpoint(checkpoint)
-    sd, _ = strip_wrapper_prefix(sd)
-    load_state_dict_assign(model, sd, str(checkpoint), dtype=dtype, device=device)
-    return model
+    return load_wan_model(checkpoint, config=cfg, dtype=dtype, device=device)[0]
 
 
 def fill_partitioned(model: WanModel, checkpoint: Optional[str]) -> None:
@@ -65,7 +60,7 @@ def fill_partitioned(model: WanModel, checkpoint: Optional[str]) -> None:
     written on rank 0 and re-partitioned (broadcast), so no rank ever holds the whole model. A bad
     checkpoint is detected on rank 0 and raised on every rank (no rank is left waiting).
     """
-    rank, sd, error, seed = _rank(), None, None, torch.initial_seed()
+    rank, sd, error, seed = process_rank(), None, None, torch.initial_seed()
     if rank == 0 and checkpoint is not None:
         try:
             sd, _, _ = read_checkpoint(checkpoint)
@@ -138,7 +133,7 @@ def init_distributed() -> tuple[int, int]:
     import os  # noqa: PLC0415
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -146,7 +141,8 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on localhost (for a process group's master)."""
     import socket  # noqa: PLC0415
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -75,13 +75,12 @@ def write_mp4(video: torch.Tensor, subject: Optional[torch.Tensor], path: Path, 
 def run(args: argparse.Namespace) -> int:
     from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
     from ds_trainer import checkpointing  # noqa: PLC0415
-    from ds_trainer.config import TrainConfig  # noqa: PLC0415
+    from ds_trainer.config import load_train_config  # noqa: PLC0415
     from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
     from ds_trainer.flow_step import inputs_from_raw  # noqa: PLC0415
     from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
-    from model.typed_config import from_mapping, load_yaml  # noqa: PLC0415
 
-    cfg = from_mapping(TrainConfig, load_yaml(args.logdir / "config.yaml"), str(args.logdir / "config.yaml"))
+    cfg = load_train_config(args.logdir / "config.yaml")
     ckpt = args.checkpoint or checkpointing.find_resumable(args.logdir, cfg.compatibility_key())
     if ckpt is None:
         raise SystemExit(f"{args.logdir}: no complete checkpoint to sample from")

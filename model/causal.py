@@ -90,8 +90,7 @@ class CausalWanModel(WanModel):
             cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
         e, e0 = self.embed_time(t)
         ctx = self.embed_context(context, **cond)
-        for block in self.blocks:
-            tokens = block(tokens, e0, (cos, sin), ctx, layout=layout)
+        tokens = self.run_blocks(tokens, e0, (cos, sin), ctx, layout=layout)
         out = self.head(tokens, e)
         if clean_x is not None:
             out, e = out[:, f * frame_tokens:], e[:, f:]

@@ -20,25 +20,13 @@ import torch
 class CacheView:
     """What a query block may attend to, read in place: k/v[:, :sink_len] plus `window_len` ring
     tokens starting at buffer index `window_start`, wrapping from the end of the buffer back to
-    `ring_start` (the first ring slot)."""
+    `sink_len` (kernels.kv_cache_attention.visible_slots lists them)."""
 
     k: torch.Tensor
     v: torch.Tensor
     sink_len: int
-    ring_start: int
     window_start: int
     window_len: int
-
-    def ranges(self) -> list[tuple[int, int]]:
-        """The buffer index ranges [a, b) of the visible tokens, oldest first (at most 3)."""
-        cap = self.k.shape[1]
-        end = self.window_start + self.window_len
-        out = [(0, self.sink_len)]
-        if end <= cap:
-            out.append((self.window_start, end))
-        else:
-            out += [(self.window_start, cap), (self.ring_start, self.ring_start + end - cap)]
-        return [r for r in out if r[1] > r[0]]
 
 
 class KVCache:
@@ -87,16 +75,7 @@ class KVCache:
         window_len = min(max(self.total - self.sink, 0), self.ring)
         first = self.total - window_len  # global position of the oldest visible ring token
         start = self._slot(first) if window_len else self.sink
-        return CacheView(self.k, self.v, sink_len, self.sink, start, window_len)
-
-
-def gather_visible(view: CacheView) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference path: the visible keys and values concatenated, oldest first [B, L, N, D]
-    (the Triton kv-cache kernel reads the same ranges in place instead)."""
-    ranges = view.ranges()
-    k = torch.cat([view.k[:, a:b] for a, b in ranges], dim=1)
-    v = torch.cat([view.v[:, a:b] for a, b in ranges], dim=1)
-    return k, v
+        return CacheView(self.k, self.v, sink_len, start, window_len)
 
 
 def make_caches(num_layers: int, batch: int, frame_tokens: int, heads: int, head_dim: int, max_frames: int,

@@ -290,13 +290,19 @@ class WanModel(nn.Module):
         e, e0 = self.embed_time(t)
         ctx = self.embed_context(context, context_lens, clip_fea, ref_clip, ref_vae, ref_vae_lens, ref_clip_lens)
         rope = rope_table(self.config.head_dim, grid, device=tokens.device)
+        tokens = self.run_blocks(tokens, e0, rope, ctx)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+    def run_blocks(self, tokens: torch.Tensor, e0: torch.Tensor, rope, ctx: CrossContext, layout=None) -> torch.Tensor:
+        """All transformer blocks over the full sequence, recomputed in the backward pass when
+        `gradient_checkpointing` is on while training. tokens: [B, L, dim] -> [B, L, dim]."""
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                tokens = checkpoint(block, tokens, e0, rope, ctx, use_reentrant=False)
+                tokens = checkpoint(block, tokens, e0, rope, ctx, layout=layout, use_reentrant=False)
             else:
-                tokens = block(tokens, e0, rope, ctx)
-        return self.unpatchify(self.head(tokens, e), grid)
+                tokens = block(tokens, e0, rope, ctx, layout=layout)
+        return tokens
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ds_trainer import cache_cmd
-from ds_trainer.demo import REPO, _free_port, prepare
+from ds_trainer.demo import REPO, prepare
+from ds_trainer.engine import free_port
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def demo_config(tmp_path_factory):
 def launch(config, logdir, ranks=2, zero="3", sets=(), extra=(), env=None, wait=True):
     """Start `deepspeed --num_gpus N --module ds_trainer.train` on CPU; returns the Popen."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
+           str(free_port()), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
            "--zero", zero, "--disable-wandb", *extra]
     for s in sets:
         cmd += ["--set", s]

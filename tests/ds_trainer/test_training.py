@@ -137,10 +137,11 @@ def test_two_node_hostfile_launch_without_ssh(demo_config, tmp_path):
     import subprocess
     import sys
 
-    from ds_trainer.demo import REPO, _free_port
+    from ds_trainer.demo import REPO
+    from ds_trainer.engine import free_port
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANSPEED_NO_PROGRESS="1", PYTHONPATH=str(REPO))
     procs = [subprocess.Popen(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",

@@ -6,7 +6,8 @@ import torch
 from kernels.block_causal_attention import block_causal_mask
 from model.causal import CausalConfig, CausalWanModel, frame_blocks
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
-from model.kv_cache import KVCache, gather_visible
+from kernels.kv_cache_attention import visible_slots
+from model.kv_cache import KVCache
 from model.wan import WanModel
 from tests.model.test_wan import randomize
 
@@ -39,18 +40,22 @@ def test_masks_follow_the_block_window_and_sink_rules():
     assert tf[4 + 0].nonzero().flatten().tolist() == [4, 5]
 
 
+def _visible_keys(cache):
+    view = cache.view()
+    return cache.k[:, visible_slots(cache.capacity, view.sink_len, view.window_start, view.window_len)]
+
+
 def test_kv_cache_ring_buffer_wraps_in_place_and_keeps_the_sink():
     cache = KVCache(batch=1, sink_tokens=2, ring_tokens=3, heads=1, head_dim=1)
     buffer_id = cache.k.data_ptr()
     for start in range(0, 9, 3):  # write tokens 0..8 in blocks of 3 (token value = position)
         vals = torch.arange(start, start + 3, dtype=torch.float32).view(1, 3, 1, 1)
         cache.write(vals, vals)
-    k, _ = gather_visible(cache.view())
-    assert k.flatten().tolist() == [0, 1, 6, 7, 8]  # sink 0, 1 + the 3 most recent
+    assert _visible_keys(cache).flatten().tolist() == [0, 1, 6, 7, 8]  # sink 0, 1 + the 3 most recent
     assert cache.k.data_ptr() == buffer_id and cache.capacity == 5  # no reallocation
     cache.reset(keep_sink=True)
     cache.write(torch.full((1, 2, 1, 1), 9.0), torch.full((1, 2, 1, 1), 9.0))
-    assert gather_visible(cache.view())[0].flatten().tolist() == [0, 1, 9, 9]
+    assert _visible_keys(cache).flatten().tolist() == [0, 1, 9, 9]
 
 
 def _inputs(cfg, f, b=2, seed=0):
@@ -170,3 +175,16 @@ def test_triton_backend_runs_the_causal_model_like_sdpa(case):
             for a, b in blocks]
     torch.cat(outs, dim=2).square().mean().backward()
     assert model.blocks[0].self_attn.q.weight.grad is not None
+
+
+def test_activation_checkpointing_gives_the_same_gradients_under_the_causal_layout():
+    cfg, causal, f = CASES["i2v-window"]
+    model = randomize(CausalWanModel(cfg, causal)).train()
+    x, t, ctx, cond = _inputs(cfg, f, b=1)
+    model(x, t, ctx, **cond).square().mean().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(x, t, ctx, **cond).square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], rtol=1e-5, atol=1e-7, msg=n)
