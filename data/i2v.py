@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from data.annotations import safe_relpath
 from data.opens2v import OpenS2VAdapterDataset, OpenS2VSampleOptions
 from data.skips import BadSample, SkipLedger, TooManyBadSamples
-from data.video import frames_to_model, load_rgb_image
+from data.video import image_to_model, load_rgb_image
 
 MAX_REPLACEMENT_TRIES = 64
 
@@ -66,7 +66,7 @@ class I2VImageDataset(Dataset):
         row = self.rows[index]
         rel = safe_relpath(row["image"], f"{self.path}[row {index}]")
         image = load_rgb_image(self.base / rel, self.image_policy)
-        return {"image": frames_to_model(image[None], self.height, self.width)[0], "prompt": row["prompt"]}
+        return {"image": image_to_model(image, self.height, self.width), "prompt": row["prompt"]}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(MAX_REPLACEMENT_TRIES):

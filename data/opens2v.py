@@ -29,8 +29,8 @@ from data.cross_frames import CrossFramePairs
 from data.skips import BadSample, SkipLedger, TooManyBadSamples
 from data.subjects import (SUBJECT_SELECTIONS, cut_out, decode_mask, frame_for_mask, letterbox,
                            select_subjects)
-from data.video import (crop_box, frames_to_model, load_clip, load_rgb_image, open_video, pixel_frames,
-                        read_frames, sample_frame_indices)
+from data.video import (crop_box, empty_for_transfer, image_to_model, load_clip, load_rgb_image, open_video,
+                        pixel_frames, read_frames, sample_frame_indices)
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENT_TRIES = 64  # consecutive bad samples tolerated while looking for a replacement
@@ -209,7 +209,7 @@ class OpenS2VAdapterDataset(Dataset):
 
     def _resize_image(self, image: np.ndarray) -> torch.Tensor:
         """[h, w, 3] uint8 -> [3, H, W] in [-1, 1], cover-resized like the video."""
-        return frames_to_model(image[None], self.options.height, self.options.width)[0]
+        return image_to_model(image, self.options.height, self.options.width)
 
     def _background(self, ann: ClipAnnotation) -> np.ndarray:
         """`<background_base_path>/<key>.png` with the fallbacks real data needs (OpenS2V #7:
@@ -280,6 +280,14 @@ class OpenS2VBatch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def stack_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack without a copy for one tensor (a view) and, inside a DataLoader worker, into
+    shared memory, so the batch reaches the main process without another copy."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    return torch.stack(tensors, out=empty_for_transfer((len(tensors), *tensors[0].shape), tensors[0].dtype))
+
+
 def collate_opens2v_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
     """Stack samples; pad subjects to the batch's largest count with white images (value 1.0)."""
     r = max(s["subject_images"].shape[0] for s in samples)
@@ -288,10 +296,10 @@ def collate_opens2v_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
         extra = r - t.shape[0]
         return t if extra == 0 else torch.cat([t, t.new_full((extra, *t.shape[1:]), value)])
 
-    extras = {name: torch.stack([s[name] for s in samples])
+    extras = {name: stack_for_transfer([s[name] for s in samples])
               for name in ("foreground_image", "background_image") if name in samples[0]}
     return OpenS2VBatch(
-        video=torch.stack([s["video"] for s in samples]),
+        video=stack_for_transfer([s["video"] for s in samples]),
         subject_images=torch.stack([pad(s["subject_images"], 1.0) for s in samples]),
         subject_counts=torch.tensor([s["subject_images"].shape[0] for s in samples]),
         prompts=[s["prompt"] for s in samples], keys=[s["key"] for s in samples],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Optional
 
 import deepspeed
@@ -142,8 +143,26 @@ def init_distributed() -> tuple[int, int]:
 
 
 def free_port() -> int:
-    """A free TCP port on localhost (for a process group's master)."""
+    """A free TCP port for a process group's master.
+
+    Picked at random below the kernel's ephemeral range: a port the OS hands out itself (bind to
+    0) comes from that range and can be handed out again, e.g. to one of gloo's connections,
+    between this check and the launcher's own bind."""
+    import random  # noqa: PLC0415
     import socket  # noqa: PLC0415
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    pick = random.SystemRandom()  # not the seeded global generator: every run its own port
+    for _ in range(64):
+        port = pick.randrange(20000, max(ephemeral_low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,5 +12,6 @@ def test_bench_data_runs_and_checks_both_paths_agree(tmp_path, capsys):
     assert code == 0
     figures = json.loads(out.read_text())
     assert figures["max_abs_diff_vs_baseline"] == 0.0  # the same frames, decoded two ways
-    assert figures["loader_clips_per_s"] > 0 and figures["baseline_decode_all_clips_per_s"] > 0
+    assert figures["loader_s_per_clip"] > 0 and figures["baseline_decode_all_s_per_clip"] > 0
+    assert figures["decode_only_sampled_frames_s"] > 0 and figures["dataloader_0_workers_clips_per_s"] > 0
     assert figures["pixel_frames"] == 9
