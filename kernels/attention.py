@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels.block_causal_layout import block_causal_mask
+
 ENV_VAR = "WANSPEED_ATTN_BACKEND"
 DEFAULT_BACKEND = "sdpa"
 
@@ -92,7 +94,7 @@ class AttentionBackend:
         raise NotImplementedError
 
     def block_causal_attention(self, q, k, v, layout):
-        """Self-attention under a kernels.block_causal_attention.BlockCausalLayout: SDPA with the
+        """Self-attention under a kernels.block_causal_layout.BlockCausalLayout: SDPA with the
         dense [L, L] mask (cached per layout); the triton backend skips invisible tiles instead."""
         return sdpa_attention(q, k, v, attn_mask=_dense_block_causal_mask(layout, str(q.device)))
 
@@ -256,7 +258,6 @@ def kv_cache_attention(q, k_cache, v_cache, sink_len: int, window_start: int, wi
 
 @functools.lru_cache(maxsize=4)
 def _dense_block_causal_mask(layout, device: str) -> torch.Tensor:
-    from kernels.block_causal_attention import block_causal_mask  # noqa: PLC0415
     return block_causal_mask(layout, torch.device(device))
 
 

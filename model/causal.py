@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from kernels.block_causal_attention import BlockCausalLayout
+from kernels.block_causal_layout import BlockCausalLayout
 from model.config import WanConfig
 from model.kv_cache import KVCache, make_caches
 from model.layers import rope_table

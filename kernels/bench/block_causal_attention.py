@@ -54,7 +54,7 @@ class Shape:
 
 
 def _shapes(name: str) -> list[Shape]:
-    from kernels.block_causal_attention import BlockCausalLayout as L_  # noqa: PLC0415
+    from kernels.block_causal_layout import BlockCausalLayout as L_  # noqa: PLC0415
 
     if name == "tiny":
         return [Shape(1, 2, 32, L_(7, 6, 2), torch.float32, "blk2"),
@@ -104,7 +104,7 @@ def _per_block(layout) -> Callable:
 def _flex(layout, device) -> Callable:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
 
-    from kernels.block_causal_attention import flex_mask_mod  # noqa: PLC0415
+    from kernels.block_causal_layout import flex_mask_mod  # noqa: PLC0415
 
     block_mask = create_block_mask(flex_mask_mod(layout, device), None, None, layout.seq_len, layout.seq_len,
                                    device=device)
@@ -117,7 +117,8 @@ def _flex(layout, device) -> Callable:
 
 
 def _providers(s: Shape, device: torch.device, shapes: str) -> dict[str, tuple[Callable, bool]]:
-    from kernels.block_causal_attention import block_causal_attention, block_causal_mask  # noqa: PLC0415
+    from kernels.block_causal_attention import block_causal_attention
+    from kernels.block_causal_layout import block_causal_mask
 
     found: dict[str, tuple[Callable, bool]] = {}
     if device.type == "cuda" or shapes == "tiny":

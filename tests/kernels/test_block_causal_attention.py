@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.block_causal_attention import (BlockCausalLayout, block_causal_attention, block_causal_attention_ref,
-                                            block_causal_mask, self_attention, tile_visits)
+from kernels.block_causal_attention import block_causal_attention, self_attention, tile_visits
+from kernels.block_causal_layout import BlockCausalLayout, block_causal_attention_ref, block_causal_mask
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -129,7 +129,7 @@ def test_teacher_forcing_mask_rows_hold_clean_prefix_and_own_noisy_block():
 def test_flex_mask_mod_gives_the_same_mask():
     from torch.nn.attention.flex_attention import create_mask
 
-    from kernels.block_causal_attention import flex_mask_mod
+    from kernels.block_causal_layout import flex_mask_mod
 
     for layout in (L_(5, 6, 2, True, local_frames=2, sink_frames=2, teacher_forcing=True), L_(7, 5, 2)):
         mask = create_mask(flex_mask_mod(layout), None, None, layout.seq_len, layout.seq_len, device="cpu")

@@ -199,8 +199,9 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     assert reason is not None and "TRITON_INTERPRET" in reason and "CUDA" in reason
 
 
-def test_registry_import_does_not_import_triton():
-    code = "import sys, kernels.attention; print('triton' in sys.modules)"
+@pytest.mark.parametrize("modules", ["kernels.attention", "model.causal, model.kv_cache"])
+def test_registry_and_causal_model_imports_do_not_import_triton(modules):
+    code = f"import sys, {modules}; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -3,7 +3,7 @@ equals the full block-causal forward, one block covering everything equals WanMo
 import pytest
 import torch
 
-from kernels.block_causal_attention import block_causal_mask
+from kernels.block_causal_layout import block_causal_mask
 from model.causal import CausalConfig, CausalWanModel, frame_blocks
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
 from kernels.kv_cache_attention import visible_slots
