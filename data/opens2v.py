@@ -16,6 +16,7 @@ import bisect
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -312,11 +313,37 @@ def collate_opens2v_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
 
 def create_opens2v_dataloader(dataset: Dataset, batch_size: int = 1, sampler=None, num_workers: int = 2,
                               pin_memory: bool = False, prefetch_factor: int = 2) -> DataLoader:
-    """A DataLoader with the OpenS2V collate function; pass a `ResumableDistributedSampler`."""
+    """A DataLoader with the OpenS2V collate function; pass a `ResumableDistributedSampler`.
+    Warns when /dev/shm is too small for the batches the workers keep in flight."""
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
+    if num_workers > 0:
+        parts = getattr(dataset, "datasets", [dataset])
+        options = getattr(parts[0], "options", None) if parts else None
+        if options is not None:
+            sample = 3 * pixel_frames(options.num_training_frames) * options.height * options.width * 4
+            warning = shared_memory_warning(batch_size * sample, num_workers, prefetch_factor)
+            if warning:
+                log.warning(warning)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_opens2v_batch, pin_memory=pin_memory, drop_last=True,
                       worker_init_fn=_single_threaded_worker, **kwargs)
+
+
+def shared_memory_warning(batch_bytes: int, workers: int, prefetch_factor: int,
+                          shm: Path = Path("/dev/shm")) -> Optional[str]:
+    """Why the DataLoader may die with a bus error, or None. Workers hand batches over in shared
+    memory, `workers * prefetch_factor` of them at a time (one 480x832x81 video is 388 MiB), and
+    containers often mount a 64 MiB /dev/shm."""
+    if workers == 0 or not shm.is_dir():
+        return None
+    need, free = batch_bytes * workers * prefetch_factor, shutil.disk_usage(shm).free
+    if free >= need:
+        return None
+    mib = 2 ** 20
+    return (f"{shm} has {free / mib:.0f} MiB free, but {workers} workers x prefetch_factor {prefetch_factor} x "
+            f"{batch_bytes / mib:.0f} MiB batches need {need / mib:.0f} MiB: the DataLoader may die with a bus "
+            f"error. Give the container more shared memory (docker run --shm-size), lower num_workers or "
+            f"prefetch_factor, or train from the encoder cache (wanspeed cache).")
 
 
 def _single_threaded_worker(worker_id: int) -> None:

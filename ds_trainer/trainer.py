@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -172,8 +172,10 @@ class AdapterTrainer:
 
     def train(self) -> dict:
         cfg, losses, micro, consecutive_bad, t0 = self.cfg, [], 0, 0, time.perf_counter()
+        data_wait = 0.0
         while self.step < cfg.max_iters:
-            for batch in self._loader():
+            for batch, waited in _timed(self._loader()):
+                data_wait += waited
                 self.sampler.advance(cfg.batch_size)
                 self.totals["skipped_samples"] += int(_all_reduce(len(getattr(batch, "skipped", []) or [])))
                 loss = self._micro_step(batch, micro)
@@ -191,8 +193,8 @@ class AdapterTrainer:
                 if micro < cfg.gradient_accumulation_steps:
                     continue
                 self.step += 1
-                self._log_step(losses, time.perf_counter() - t0)
-                losses, micro, t0 = [], 0, time.perf_counter()
+                self._log_step(losses, time.perf_counter() - t0, data_wait)
+                losses, micro, t0, data_wait = [], 0, time.perf_counter(), 0.0
                 if self.step % cfg.log_iters == 0 or self.step == cfg.max_iters:
                     path = self.save()
                     log.info("checkpoint %s", path.name)
@@ -205,15 +207,29 @@ class AdapterTrainer:
             ckpt.export_full(self.model, self.stage, self.logdir / "final_model.safetensors")
         return dict(step=self.step, **self.totals)
 
-    def _log_step(self, losses: list[float], seconds: float) -> None:
+    def _log_step(self, losses: list[float], seconds: float, data_wait: float) -> None:
+        """data_wait_s: this rank's time blocked on the DataLoader during the step (the loader is
+        the bottleneck when it is a large share of step_time_s: raise num_workers or use the cache)."""
         mean_loss = _all_reduce(sum(losses) / len(losses)) / self.world
         samples = self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.world
         grad_norm = self.engine.get_global_grad_norm()
         self.metrics.log(self.step, {
             "loss": mean_loss, "lr": self.engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "step_time_s": seconds, "samples_per_s": samples / max(seconds, 1e-9),
+            "step_time_s": seconds, "samples_per_s": samples / max(seconds, 1e-9), "data_wait_s": data_wait,
             "peak_memory_mb": peak_memory_mb(self.device), **self.totals})
+
+
+def _timed(batches: Iterable) -> Iterator[tuple[Any, float]]:
+    """(batch, seconds spent waiting for it) for each batch of `batches`."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
 
 
 _FIRED: set[str] = set()

@@ -70,3 +70,12 @@ def test_stack_for_transfer_views_one_tensor_and_stacks_several():
     one = stack_for_transfer([a])
     assert one.shape == (1, 3, 2) and one.data_ptr() == a.data_ptr()  # a view, no copy
     torch.testing.assert_close(stack_for_transfer([a, b]), torch.stack([a, b]))
+
+
+def test_shared_memory_warning_names_the_sizes(tmp_path):
+    from data.opens2v import shared_memory_warning
+    free = __import__("shutil").disk_usage(tmp_path).free
+    assert shared_memory_warning(1024, workers=2, prefetch_factor=2, shm=tmp_path) is None
+    assert shared_memory_warning(free, workers=0, prefetch_factor=2, shm=tmp_path) is None  # no workers, no shm
+    msg = shared_memory_warning(free, workers=2, prefetch_factor=2, shm=tmp_path)
+    assert msg and str(tmp_path) in msg and "--shm-size" in msg and f"{4 * free / 2**20:.0f} MiB" in msg

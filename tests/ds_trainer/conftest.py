@@ -26,8 +26,9 @@ def demo_config(tmp_path_factory):
 
 def launch(config, logdir, ranks=2, zero="3", sets=(), extra=(), env=None, wait=True):
     """Start `deepspeed --num_gpus N --module ds_trainer.train` on CPU; returns the Popen."""
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
+           str(port), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
            "--zero", zero, "--disable-wandb", *extra]
     for s in sets:
         cmd += ["--set", s]
@@ -35,6 +36,7 @@ def launch(config, logdir, ranks=2, zero="3", sets=(), extra=(), env=None, wait=
                     PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    proc.port = port
     if wait:
         out, _ = proc.communicate(timeout=600)
         proc.output = out

@@ -1,6 +1,7 @@
 """End-to-end DeepSpeed runs on CPU (2 ranks, gloo): what trains, what stays frozen, ZeRO stages
 agree, a killed run resumes exactly, checkpoints load the way the seed loads them."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,11 @@ def test_zero3_two_ranks_trains_only_the_adapters(demo_config, tmp_path):
     curve = losses(tmp_path / "run")
     assert len(curve) == 16
     assert sum(curve[-4:]) / 4 < 0.9 * sum(curve[:4]) / 4, curve  # the loss falls
+    from ds_trainer.metrics import read_metrics
+    rows = read_metrics(tmp_path / "run")
+    assert all(0.0 <= r["data_wait_s"] <= r["step_time_s"] for r in rows), rows  # data loader wait, per step
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.port}_*"))
+    assert not leaked, leaked  # DeepSpeed's shm all-reduce segments are released
     cfg = load_train_config(demo_config)
     base, _, _ = read_checkpoint(cfg.generator_ckpt)
     final = load_file(str(tmp_path / "run" / "final_model.safetensors"))
