@@ -72,7 +72,10 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.2f}")
+            postfix = dict(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.2f}")
+            if "data_wait_s" in metrics:  # share of the step spent waiting for the DataLoader
+                postfix["data"] = f"{metrics['data_wait_s'] / max(metrics['step_time_s'], 1e-9):.0%}"
+            self.bar.set_postfix(**postfix)
 
     def close(self) -> None:
         if self.bar is not None:
