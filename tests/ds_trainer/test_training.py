@@ -100,6 +100,43 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(de
         checkpointing.find_resumable(tmp_path / "killed", other.compatibility_key())
 
 
+def _rank_pid(port: int, rank: int) -> int:
+    """The PID of one training rank of the run on `port` (not one of its DataLoader workers,
+    which inherit its environment: the rank is the match whose parent does not match)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            env = set((entry / "environ").read_bytes().split(b"\0"))
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if {f"MASTER_PORT={port}".encode(), f"RANK={rank}".encode()} <= env:
+            found[int(entry.name)] = ppid
+    ranks = [pid for pid, ppid in found.items() if ppid not in found]
+    assert len(ranks) == 1, found
+    return ranks[0]
+
+
+def test_one_rank_killed_ends_the_run_without_a_hang_and_keeps_its_checkpoints(demo_config, tmp_path):
+    """What the OOM killer does to one rank: the other must not wait forever in a collective,
+    and the checkpoints published before stay complete and resumable."""
+    import os
+    import signal
+    run = launch(demo_config, tmp_path / "run", sets=FAST + ("max_iters=40", "log_iters=4"), wait=False)
+    wait_for(tmp_path / "run" / "checkpoint_opens2v_000004", run)
+    os.kill(_rank_pid(run.port, 1), signal.SIGKILL)
+    try:
+        out, _ = run.communicate(timeout=120)
+    except Exception:
+        kill_group(run)
+        raise AssertionError("the surviving rank hung after its peer was killed")
+    assert run.returncode != 0, out[-2000:]
+    cfg = load_train_config(demo_config)
+    chosen = checkpointing.find_resumable(tmp_path / "run", cfg.compatibility_key())
+    assert chosen is not None and chosen.name >= "checkpoint_opens2v_000004"
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{run.port}_*"))
+
+
 def test_nonfinite_loss_on_one_rank_skips_everywhere_and_too_many_stop(demo_config, tmp_path):
     ok = launch(demo_config, tmp_path / "nan", sets=FAST + ("max_iters=4", "log_iters=100"),
                 env={"WANSPEED_INJECT_NAN": "1:2"})
