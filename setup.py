@@ -4,6 +4,8 @@
 On a CPU machine whose torch comes from a local wheel, install `torch==2.13.0` first
 (`launch/in_venv.sh` does): the ranges below then pull in nothing more.
 """
+from glob import glob
+
 from setuptools import setup
 
 PACKAGES = [
@@ -43,6 +45,9 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
+    # configs/ is not a package: a wheel installs it under <prefix>/share/wanspeed (ds_trainer/shipped.py)
+    data_files=[("share/wanspeed/configs", sorted(glob("configs/*.yaml"))),
+                ("share/wanspeed/configs/ds", sorted(glob("configs/ds/*.json")))],
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
     entry_points={"console_scripts": ["wanspeed=ds_trainer.cli:main"]},

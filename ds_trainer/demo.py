@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ds_trainer.shipped import configs_dir
+
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = REPO / "configs" / "tiny_opens2v.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
         torch.nn.init.normal_(base.head.head.weight, std=WAN_TINY.dim ** -0.5)
         save_diffusers_dir(base, WAN_TINY, root / "base")
     config = root / "tiny_opens2v.yaml"
-    config.write_text(TEMPLATE.read_text().replace("@DEMO@", str(root.resolve())))
+    config.write_text((configs_dir() / "tiny_opens2v.yaml").read_text().replace("@DEMO@", str(root.resolve())))
     return config
 
 

@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from ds_trainer.shipped import configs_dir
 from model.config import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "ds"
 ZERO_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_offload.json"}
 
 
 def read_ds_config(zero: str = "3", path: Optional[str] = None) -> dict[str, Any]:
-    src = Path(path) if path else DS_CONFIG_DIR / ZERO_FILES[zero]
+    src = Path(path) if path else configs_dir() / "ds" / ZERO_FILES[zero]
     try:
         return json.loads(src.read_text())
     except (OSError, json.JSONDecodeError) as exc:
