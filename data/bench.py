@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from data.opens2v import MultiPartOpenS2VAdapterDataset, create_opens2v_dataloader
+from data.skips import BadSample
 from data.synthetic import make_demo_dataset
 from data.video import crop_box, open_video, read_frames, video_to_model
 
@@ -108,17 +109,20 @@ def run(args: argparse.Namespace) -> int:
         ds, meta = _dataset(args, Path(tmp))
         part = ds.datasets[0]
         n = min(len(part), args.clips)
-        ours = part.load(0)["video"]
+        try:
+            ours = part.load(0)["video"]
+        except BadSample as exc:  # the timed paths have no skip-and-replace: they need readable clips
+            raise SystemExit(f"bench data needs readable clips; the first one is bad: {exc}") from exc
         diff = (decode_all_then_pick(part, 0) - ours).abs().max().item()
         if diff > 0:
             raise SystemExit(f"loader and baseline disagree: max |diff| {diff:.3f}")
-        s = _interleaved_medians({"baseline": lambda i: decode_all_then_pick(part, i), "loader": part.load,
-                                  "decode_all": _decode(part, sparse=False), "decode_sampled": _decode(part, sparse=True)},
-                                 n, args.rounds)
+        paths = {"baseline": lambda i: decode_all_then_pick(part, i), "loader": part.load,
+                 "decode_all": _decode(part, sparse=False), "decode_sampled": _decode(part, sparse=True)}
+        s = _interleaved_medians(paths, n, args.rounds)
         batches = args.loader_batches or 3 * max(args.workers, 1)
         loader_rate = _loader_rate(ds, n, args.workers, batches)
-    figures = {**meta, "clips": n, "rounds": args.rounds, "size": [args.height, args.width], "pixel_frames": int(ours.shape[1]),
-               "max_abs_diff_vs_baseline": diff,
+    figures = {**meta, "clips": n, "rounds": args.rounds, "size": [args.height, args.width],
+               "pixel_frames": int(ours.shape[1]), "max_abs_diff_vs_baseline": diff,
                "baseline_decode_all_s_per_clip": round(s["baseline"], 3), "loader_s_per_clip": round(s["loader"], 3),
                "speedup": round(s["baseline"] / s["loader"], 2),
                "decode_only_all_frames_s": round(s["decode_all"], 3),
