@@ -1,9 +1,9 @@
 """`wanspeed bench data`: OpenS2V loader throughput against decoding every frame then picking.
 
 Both paths produce the same video tensor (checked, max |diff| must be 0) with the same crop,
-resize, conversion and subject cut-out; they differ only in what they decode: the loader asks
-decord for the sampled frames (plus the annotated one) in one `get_batch`, the baseline decodes
-the whole clip and then picks. The split into decode and the rest is reported too, and the
+resize, conversion and subject cut-out; the loader asks decord for the sampled frames (plus the
+annotated one) in one `get_batch`, the baseline decodes the whole clip and then picks (a copy of
+the sampled full-size frames, as a decode-all loader makes). The split into decode and the rest is reported too, and the
 DataLoader rate is measured in steady state (worker start-up excluded).
 
 Runs on synthetic clips made on the spot, or on an existing OpenS2V part (`--json`,
@@ -78,11 +78,14 @@ def _decode(part, sparse: bool):
 
 
 def _loader_rate(ds, n: int, workers: int, batches: int) -> float:
-    """Clips/s of the DataLoader once its workers are up: the clock starts at the first batch."""
-    order = [i % n for i in range(batches + max(workers, 1))]
+    """Clips/s of the DataLoader once its workers are up: the clock starts after one batch per
+    worker (the workers start their first batches together, so those arrive at once)."""
+    warm = max(workers, 1)
+    order = [i % n for i in range(batches + warm)]
     loader = create_opens2v_dataloader(ds, batch_size=1, sampler=order, num_workers=workers)
     it = iter(loader)
-    next(it)
+    for _ in range(warm):
+        next(it)
     t0 = time.perf_counter()
     count = sum(b.video.shape[0] for b in it)
     return count / (time.perf_counter() - t0)

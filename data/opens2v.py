@@ -16,6 +16,7 @@ import bisect
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,26 +322,32 @@ def create_opens2v_dataloader(dataset: Dataset, batch_size: int = 1, sampler=Non
         options = getattr(parts[0], "options", None) if parts else None
         if options is not None:
             sample = 3 * pixel_frames(options.num_training_frames) * options.height * options.width * 4
-            warning = shared_memory_warning(batch_size * sample, num_workers, prefetch_factor)
-            if warning:
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+            need = (batch_size * sample, num_workers * ranks_here, prefetch_factor)
+            warning = None if need in _WARNED else shared_memory_warning(*need)
+            if warning:  # once per setting: the trainer rebuilds its loader every epoch
+                _WARNED.add(need)
                 log.warning(warning)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_opens2v_batch, pin_memory=pin_memory, drop_last=True,
                       worker_init_fn=_single_threaded_worker, **kwargs)
 
 
+_WARNED: set[tuple[int, int, int]] = set()
+
+
 def shared_memory_warning(batch_bytes: int, workers: int, prefetch_factor: int,
                           shm: Path = Path("/dev/shm")) -> Optional[str]:
     """Why the DataLoader may die with a bus error, or None. Workers hand batches over in shared
-    memory, `workers * prefetch_factor` of them at a time (one 480x832x81 video is 388 MiB), and
-    containers often mount a 64 MiB /dev/shm."""
+    memory, `workers * prefetch_factor` of them at a time (count the workers of every rank on the
+    node; one 480x832x81 float video is 388 MB), and containers often mount a 64 MiB /dev/shm."""
     if workers == 0 or not shm.is_dir():
         return None
     need, free = batch_bytes * workers * prefetch_factor, shutil.disk_usage(shm).free
     if free >= need:
         return None
     mib = 2 ** 20
-    return (f"{shm} has {free / mib:.0f} MiB free, but {workers} workers x prefetch_factor {prefetch_factor} x "
+    return (f"{shm} has {free / mib:.0f} MiB free, but {workers} workers (all ranks of this node) x prefetch_factor {prefetch_factor} x "
             f"{batch_bytes / mib:.0f} MiB batches need {need / mib:.0f} MiB: the DataLoader may die with a bus "
             f"error. Give the container more shared memory (docker run --shm-size), lower num_workers or "
             f"prefetch_factor, or train from the encoder cache (wanspeed cache).")

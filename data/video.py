@@ -120,7 +120,7 @@ def video_to_model(frames_uint8: np.ndarray, height: int, width: int,
     is cheaper than copying the full-size ones to drop it. Nothing full-size is copied: the
     frames are read in place (channels-last) and resized in uint8; the pick and the transpose to
     [3, T] are one pass over the small uint8 frames, then the float conversion runs once."""
-    if not frames_uint8.flags.writeable:  # torch.from_numpy needs a writable array
+    if not frames_uint8.flags.writeable:  # torch.from_numpy warns on read-only arrays
         frames_uint8 = frames_uint8.copy()
     x = resize_cover(torch.from_numpy(frames_uint8).permute(0, 3, 1, 2), height, width)
     rows = range(x.shape[0]) if rows is None else rows

@@ -175,8 +175,10 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768
     pick = random.SystemRandom()  # not the seeded global generator: every run its own port
+    high = max(ephemeral_low, 2025)
+    low = min(20000, high - 1000)
     for _ in range(64):
-        port = pick.randrange(20000, max(ephemeral_low, 20001))
+        port = pick.randrange(low, high)
         with socket.socket() as s:
             try:
                 s.bind(("", port))

@@ -1,4 +1,5 @@
 """A wheel (non-editable) install finds the shipped configs; without them the error names where it looked."""
+import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,10 @@ def test_missing_configs_are_an_error_naming_each_place(tmp_path):
 
 @pytest.mark.slow
 def test_a_wheel_install_ships_the_configs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing may point at the source tree
+
     def run(*cmd):
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         return out.stdout
 
@@ -40,5 +43,5 @@ def test_a_wheel_install_ships_the_configs(tmp_path):
         str(tmp_path / "venv"), str(wheel))
     code = ("from ds_trainer.shipped import configs_dir; import json; d = configs_dir(); "
             "print(d); json.loads((d / 'ds' / 'zero3.json').read_text()); (d / 'tiny_opens2v.yaml').read_text()")
-    found = run(str(tmp_path / "venv" / "bin" / "python"), "-c", code).strip()
+    found = run(str(tmp_path / "venv" / "bin" / "python"), "-I", "-c", code).strip()
     assert found == str(tmp_path / "venv" / "share" / "wanspeed" / "configs")
