@@ -347,8 +347,8 @@ def shared_memory_warning(batch_bytes: int, workers: int, prefetch_factor: int,
     if free >= need:
         return None
     mib = 2 ** 20
-    return (f"{shm} has {free / mib:.0f} MiB free, but {workers} workers (all ranks of this node) x prefetch_factor {prefetch_factor} x "
-            f"{batch_bytes / mib:.0f} MiB batches need {need / mib:.0f} MiB: the DataLoader may die with a bus "
+    return (f"{shm} has {free / mib:.0f} MiB free, but {workers} workers (all ranks of this node) x "
+            f"prefetch_factor {prefetch_factor} x {batch_bytes / mib:.0f} MiB batches need {need / mib:.0f} MiB: the DataLoader may die with a bus "
             f"error. Give the container more shared memory (docker run --shm-size), lower num_workers or "
             f"prefetch_factor, or train from the encoder cache (wanspeed cache).")
 
