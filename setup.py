@@ -12,7 +12,7 @@ PACKAGES = [
     "model", "model.encoders",
     "kernels", "kernels.bench",
     "data",
-    "ds_trainer",
+    "ds_trainer", "ds_trainer.commands",
     "launch",
 ]
 
@@ -50,5 +50,5 @@ setup(
                 ("share/wanspeed/configs/ds", sorted(glob("configs/ds/*.json")))],
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
-    entry_points={"console_scripts": ["wanspeed=ds_trainer.cli:main"]},
+    entry_points={"console_scripts": ["wanspeed=ds_trainer.commands:main"]},
 )

@@ -1,4 +1,4 @@
-"""`wanspeed make-demo-data`: a small synthetic dataset in the exact OpenS2V on-disk layout.
+"""A small synthetic dataset in the exact OpenS2V on-disk layout (`wanspeed make-demo-data`).
 
 Every clip is a real mp4 of textured, saturated shapes moving over a muted textured background,
 with the step-5 annotation an OpenS2V loader reads (caption, word tags, xyxy boxes, COCO RLE
@@ -30,7 +30,6 @@ Conventions, as upstream (reference/upstream.md §4):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -446,36 +445,3 @@ def _write_step6(step6: Path, plan: list[_Clip], seed: int) -> tuple[Path, Path]
                         "aft_frame_idx": aft.entry["annotation"]["ann_frame_data"]["ann_frame_idx"]})
         (pairs_dir / f"{cid}.json").write_text(json.dumps(pairs, indent=2))
     return cluster_path, pairs_dir
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="dataset root (created)")
-    parser.add_argument("--clips", type=int, default=8, help="number of clips (default 8)")
-    parser.add_argument("--parts", type=int, default=1, help="parts demo_part1..K, <= clips (default 1)")
-    parser.add_argument("--height", type=int, default=96, help="frame height in pixels, even (default 96)")
-    parser.add_argument("--width", type=int, default=160, help="frame width in pixels, even (default 160)")
-    parser.add_argument("--frames", type=int, default=49, help="frames per clip (default 49)")
-    parser.add_argument("--fps", type=float, default=16, help="frames per second (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="everything is deterministic in it (default 0)")
-    parser.add_argument("--old-variants", action=argparse.BooleanOptionalAction, default=None,
-                        help="write every 4th clip in the older annotation variant (default: when clips >= 4)")
-    parser.add_argument("--no-cross-frames", dest="cross_frames", action="store_false",
-                        help="skip step 6 (cluster file and cross-frame pairs)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        dataset = make_demo_dataset(args.out, args.clips, args.parts, args.height, args.width, args.frames,
-                                    args.fps, args.seed, args.old_variants, args.cross_frames)
-    except ValueError as err:
-        log.error("%s", err)
-        return 2
-    lines = [f"wrote {sum(map(len, dataset.keys))} clips under {dataset.root}:"]
-    for name, keys, json_path in zip(dataset.parts, dataset.keys, dataset.json_paths):
-        lines.append(f"  {name}: {len(keys)} mp4 + {len(keys)} background png, annotations {json_path}")
-    if dataset.cluster_path is not None:
-        n = len(json.loads(dataset.cluster_path.read_text()))
-        lines.append(f"  step 6: {n} clusters in {dataset.cluster_path}, pairs in {dataset.cross_frames_base_path}")
-    lines += ["", "config snippet:", dataset.config_snippet()]
-    print("\n".join(lines))
-    return 0

@@ -1,20 +1,19 @@
-"""`wanspeed demo`: the README's main job on its embedded tiny default (configs/tiny_opens2v.yaml).
+"""The steps of `wanspeed demo` (ds_trainer/commands/demo.py), the README's main job on its
+embedded tiny default (configs/tiny_opens2v.yaml):
 
 1. write synthetic OpenS2V-format data (real mp4s, RLE masks, backgrounds);
 2. write tiny T5 / CLIP / VAE encoders and a tiny Wan base checkpoint in the official layouts;
 3. fill the encoder-output cache (`wanspeed cache`);
-4. train the reference adapters + LoRA under `deepspeed` with 2 CPU ranks and ZeRO-3;
+4. train the reference adapters (the fused path too; LoRA is off in the tiny config) under
+   `deepspeed` with 2 CPU ranks and ZeRO-3;
 5. plot the loss curve and sample a short mp4 from the trained model.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,13 +22,6 @@ from ds_trainer.shipped import configs_dir
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where everything goes")
-    parser.add_argument("--ranks", type=int, default=2, help="CPU processes under deepspeed (default 2)")
-    parser.add_argument("--zero", choices=["2", "3", "3-offload"], default="3")
-    parser.add_argument("--clips", type=int, default=8)
 
 
 def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
@@ -67,27 +59,3 @@ def launch_training(config: Path, logdir: Path, ranks: int, zero: str, extra: li
            "--zero", zero, *extra]
     log.info("launching: %s", " ".join(cmd))
     subprocess.run(cmd, env=env, check=True, cwd=REPO)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ds_trainer import cache_cmd, sample  # noqa: PLC0415
-    from ds_trainer.metrics import read_metrics, summarise  # noqa: PLC0415
-    from ds_trainer.plot import plot_loss  # noqa: PLC0415
-
-    t0, times = time.perf_counter(), {}
-    root = args.out.resolve()
-    config = prepare(root, args.clips)
-    times["prepare"] = time.perf_counter() - t0
-    cache_cmd.run(argparse.Namespace(config=str(config), shard_size=32, local_rank=None))
-    times["cache"] = time.perf_counter() - t0 - sum(times.values())
-    logdir = root / "run"
-    launch_training(config, logdir, args.ranks, args.zero, extra=["--no-auto-resume"])
-    times["train"] = time.perf_counter() - t0 - sum(times.values())
-    png = plot_loss(logdir)
-    sample.run(argparse.Namespace(logdir=logdir, checkpoint=None, index=0, steps=None, out=None))
-    times["plot+sample"] = time.perf_counter() - t0 - sum(times.values())
-    summary = summarise(read_metrics(logdir))
-    print(json.dumps({"logdir": str(logdir), "loss_curve": str(png), "sample": str(logdir / "sample.mp4"),
-                      "loss": summary, "seconds": {k: round(v, 1) for k, v in times.items()},
-                      "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
-    return 0 if summary and summary["relative_drop"] > 0 else 1

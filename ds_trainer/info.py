@@ -1,19 +1,9 @@
-"""`wanspeed info`: what this machine offers (versions, attention backends, presets)."""
+"""Versions of the packages a run depends on (recorded in each run's versions.json; `wanspeed info`)."""
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
-import logging
 
-from kernels.attention import available_backends
-from model.config import PRESETS
-
-log = logging.getLogger(__name__)
 PACKAGES = ("torch", "deepspeed", "triton", "transformers", "diffusers", "peft", "decord")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options
 
 
 def versions() -> dict[str, str]:
@@ -24,16 +14,3 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-def run(args: argparse.Namespace) -> int:
-    del args
-    lines = ["packages:"] + [f"  {k:<13} {v}" for k, v in versions().items()]
-    lines.append("attention backends:")
-    lines += [f"  {name:<13} {'available' if why is None else 'unavailable: ' + why}"
-              for name, why in available_backends().items()]
-    lines.append("model presets:")
-    lines += [f"  {name:<13} {c.model_type} dim {c.dim}, {c.num_layers} layers, {c.num_heads} heads"
-              for name, c in PRESETS.items()]
-    print("\n".join(lines))
-    return 0

@@ -1,16 +1,9 @@
-"""`wanspeed plot DIR`: the loss curve of a run (raw and smoothed) as a PNG."""
+"""The loss curve of a run (raw and smoothed) as a PNG; `wanspeed plot` (ds_trainer/commands/plot.py)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ds_trainer.metrics import read_metrics
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("logdir", type=Path, help="a run directory (holds metrics.jsonl)")
-    parser.add_argument("--out", type=Path, default=None, help="PNG path (default DIR/loss.png)")
-    parser.add_argument("--smooth", type=int, default=10, help="moving-average window in steps")
 
 
 def plot_loss(logdir: Path, out: Path | None = None, smooth: int = 10) -> Path:
@@ -37,8 +30,3 @@ def plot_loss(logdir: Path, out: Path | None = None, smooth: int = 10) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
-
-
-def run(args: argparse.Namespace) -> int:
-    print(f"wrote {plot_loss(args.logdir, args.out, args.smooth)}")
-    return 0

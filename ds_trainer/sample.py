@@ -7,7 +7,6 @@ The subject image is shown left of each frame.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Optional
@@ -16,14 +15,6 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--logdir", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the newest complete one")
-    parser.add_argument("--index", type=int, default=0, help="dataset sample giving the prompt and subject")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="default DIR/sample.mp4")
 
 
 def load_trained_generator(cfg, checkpoint: Path):
@@ -72,7 +63,8 @@ def write_mp4(video: torch.Tensor, subject: Optional[torch.Tensor], path: Path, 
     return path
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
+    """args: the options of `wanspeed sample` (ds_trainer/commands/sample.py)."""
     from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
     from ds_trainer import checkpointing  # noqa: PLC0415
     from ds_trainer.config import load_train_config  # noqa: PLC0415

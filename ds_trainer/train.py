@@ -1,66 +1,18 @@
-"""`wanspeed train`: subject-adapter training. Launch with `deepspeed` (one node or --hostfile):
+"""The module `deepspeed --module ds_trainer.train --config ... --logdir ...` starts on every rank.
 
-    deepspeed --num_gpus 8 --module ds_trainer.train --config configs/train_opens2v.yaml --logdir out/
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_trainer.train --config configs/tiny_opens2v.yaml --logdir out/
-
-or as a single plain process for debugging: `wanspeed train --config ... --logdir ...`.
-Flags override the config file only when given.
+It is `wanspeed train` (options and body in ds_trainer/commands/train.py), kept under this name
+because launch lines and scripts name it.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
+from typing import Optional
 
-log = logging.getLogger(__name__)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="run config YAML (see configs/train_opens2v.yaml)")
-    parser.add_argument("--logdir", required=True, help="checkpoints, metrics and copies of the configs go here")
-    parser.add_argument("--no-auto-resume", action="store_true", help="start fresh even if DIR has checkpoints")
-    parser.add_argument("--zero", choices=["2", "3", "3-offload"], default=None, help="DeepSpeed ZeRO config to use")
-    parser.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON instead of configs/ds/*")
-    parser.add_argument("--disable-wandb", action="store_true", default=None, help="no wandb logging")
-    parser.add_argument("--max-iters", type=int, default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key (dotted, YAML value), e.g. --set lr=5e-5")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by `deepspeed`
+from ds_trainer.commands import main as wanspeed
 
 
-def overrides_from(args: argparse.Namespace) -> dict:
-    import yaml  # noqa: PLC0415
-    out = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    for flag, key in (("zero", "zero"), ("deepspeed_config", "deepspeed_config"), ("disable_wandb", "disable_wandb"),
-                      ("max_iters", "max_iters")):
-        if getattr(args, flag) is not None:  # only flags actually given override the file
-            out[key] = getattr(args, flag)
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
-    from ds_trainer.config import load_train_config  # noqa: PLC0415
-    from ds_trainer.trainer import AdapterTrainer  # noqa: PLC0415
-
-    cfg = load_train_config(args.config, overrides_from(args))
-    trainer = AdapterTrainer(cfg, args.logdir, auto_resume=not args.no_auto_resume)
-    summary = trainer.train()
-    if trainer.rank == 0:
-        print(json.dumps({"finished": summary}))
-    return 0
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="wanspeed train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def main(argv: Optional[list[str]] = None) -> int:
+    return wanspeed(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

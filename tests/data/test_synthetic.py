@@ -192,7 +192,7 @@ def test_odd_sizes_and_a_single_frame_decode(tmp_path):
 
 
 def test_cli_writes_the_dataset_and_prints_the_config_snippet(tmp_path, capsys):
-    from ds_trainer.cli import main
+    from ds_trainer.commands import main
 
     out = tmp_path / "cli"
     assert main(["make-demo-data", "--out", str(out), "--clips", "3", "--parts", "2", "--frames", "9",

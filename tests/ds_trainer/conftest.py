@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_trainer import cache_cmd
+from ds_trainer.commands import cache as cache_cmd
 from ds_trainer.demo import REPO, prepare
 from ds_trainer.engine import free_port
 

@@ -1,0 +1,75 @@
+"""`wanspeed bench kernels|data`: the kernel microbenchmarks (kernels/bench/runner.py) or the
+data-loader benchmark (data/bench.py), one sub-parser each."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def _kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    from kernels.bench.runner import BENCHES, all_shape_sets  # noqa: PLC0415  (imports the bench modules)
+
+    parser.add_argument("--shapes", choices=all_shape_sets(), default=None,
+                        help="shape set (default: wan-1.3b on a GPU, tiny on CPU); a set runs on the benches "
+                             "that define it")
+    parser.add_argument("--only", nargs="*", default=None, help=f"subset of {sorted(BENCHES)}")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default kernels/bench/results/<device>-<shapes>.json)")
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    from data.bench import DataBench  # noqa: PLC0415
+
+    d = DataBench()
+    parser.add_argument("--json", dest="json_path", metavar="JSON", type=Path, default=d.json_path,
+                        help="an existing OpenS2V annotation file (else synthetic)")
+    parser.add_argument("--video-base", type=Path, default=d.video_base, help="its video base dir (with --json)")
+    parser.add_argument("--clips", type=int, default=d.clips, help="synthetic clips to make / clips to time")
+    parser.add_argument("--source-frames", type=int, default=d.source_frames, help="frames per synthetic clip")
+    parser.add_argument("--source-height", type=int, default=d.source_height, help="synthetic video height")
+    parser.add_argument("--source-width", type=int, default=d.source_width, help="synthetic video width")
+    parser.add_argument("--height", type=int, default=d.height, help="training height (480 in the seed config)")
+    parser.add_argument("--width", type=int, default=d.width, help="training width (832 in the seed config)")
+    parser.add_argument("--num-training-frames", type=int, default=d.num_training_frames,
+                        help="latent frames (21 -> 81 pixel frames)")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="timed passes over the clips (medians reported)")
+    parser.add_argument("--workers", type=int, default=d.workers)
+    parser.add_argument("--loader-batches", type=int, default=d.loader_batches,
+                        help="DataLoader batches to time after the first (default: 3 per worker)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{data,kernels}")
+    _data_arguments(sub.add_parser("data", help="OpenS2V loader throughput against decoding every frame",
+                                   description="OpenS2V loader clips/s against decoding every frame then picking"))
+    _kernels_arguments(sub.add_parser("kernels", help="attention/extension microbenchmarks",
+                                      description="every kernel microbenchmark, side by side with the stock paths"))
+
+
+def _run_kernels(args: argparse.Namespace) -> int:
+    from kernels.bench.harness import format_table  # noqa: PLC0415
+    from kernels.bench.runner import run_benches  # noqa: PLC0415
+
+    try:
+        rows, out = run_benches(args.shapes, args.only, args.out)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    print(format_table(rows))
+    print(f"results written to {out}")
+    return 0
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from data.bench import DataBench, bench_data  # noqa: PLC0415
+
+    figures = bench_data(DataBench(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataBench)}))
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"kernels": _run_kernels, "data": _run_data}[args.what](args)
