@@ -19,24 +19,20 @@ def _kernels_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    from data.bench import DataBench  # noqa: PLC0415
-
-    d = DataBench()
-    parser.add_argument("--json", dest="json_path", metavar="JSON", type=Path, default=d.json_path,
+    """Defaults live in data.bench.DataBench (not imported here: `bench kernels` needs no data stack)."""
+    parser.add_argument("--json", dest="json_path", metavar="JSON", type=Path,
                         help="an existing OpenS2V annotation file (else synthetic)")
-    parser.add_argument("--video-base", type=Path, default=d.video_base, help="its video base dir (with --json)")
-    parser.add_argument("--clips", type=int, default=d.clips, help="synthetic clips to make / clips to time")
-    parser.add_argument("--source-frames", type=int, default=d.source_frames, help="frames per synthetic clip")
-    parser.add_argument("--source-height", type=int, default=d.source_height, help="synthetic video height")
-    parser.add_argument("--source-width", type=int, default=d.source_width, help="synthetic video width")
-    parser.add_argument("--height", type=int, default=d.height, help="training height (480 in the seed config)")
-    parser.add_argument("--width", type=int, default=d.width, help="training width (832 in the seed config)")
-    parser.add_argument("--num-training-frames", type=int, default=d.num_training_frames,
-                        help="latent frames (21 -> 81 pixel frames)")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help="timed passes over the clips (medians reported)")
-    parser.add_argument("--workers", type=int, default=d.workers)
-    parser.add_argument("--loader-batches", type=int, default=d.loader_batches,
-                        help="DataLoader batches to time after the first (default: 3 per worker)")
+    parser.add_argument("--video-base", type=Path, help="its video base dir (with --json)")
+    parser.add_argument("--clips", type=int, help="synthetic clips to make / clips to time")
+    parser.add_argument("--source-frames", type=int, help="frames per synthetic clip")
+    parser.add_argument("--source-height", type=int, help="synthetic video height")
+    parser.add_argument("--source-width", type=int, help="synthetic video width")
+    parser.add_argument("--height", type=int, help="training height (480 in the seed config)")
+    parser.add_argument("--width", type=int, help="training width (832 in the seed config)")
+    parser.add_argument("--num-training-frames", type=int, help="latent frames (21 -> 81 pixel frames)")
+    parser.add_argument("--rounds", type=int, help="timed passes over the clips (medians reported)")
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--loader-batches", type=int, help="DataLoader batches to time after the first (default: 3 per worker)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
 
 
@@ -64,7 +60,8 @@ def _run_kernels(args: argparse.Namespace) -> int:
 def _run_data(args: argparse.Namespace) -> int:
     from data.bench import DataBench, bench_data  # noqa: PLC0415
 
-    figures = bench_data(DataBench(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataBench)}))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataBench) if getattr(args, f.name) is not None}
+    figures = bench_data(DataBench(**given))
     print(json.dumps(figures, indent=2))
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2) + "\n")

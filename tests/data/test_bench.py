@@ -20,6 +20,7 @@ def test_bench_data_runs_and_checks_both_paths_agree(tmp_path, capsys):
     assert figures["decode_only_sampled_frames_s"] > 0 and figures["dataloader_0_workers_clips_per_s"] > 0
     assert figures["pixel_frames"] == 9
     assert figures["clips"] == 2 and figures["skipped_bad_clips"] == 0 and figures["skipped_clip_files"] == []
+    assert figures["rounds"] == 2 and figures["workers"] == 0  # an option not given takes DataBench's default
 
 
 def _args(*extra):

@@ -66,3 +66,16 @@ def test_bench_kernels_runs_the_chosen_bench_and_writes_json(monkeypatch, tmp_pa
     assert f"results written to {out}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown bench"):
         main(["bench", "kernels", "--shapes", "tiny", "--only", "nope", "--out", str(out)])
+
+
+def test_bench_kernels_needs_no_data_stack():
+    """The GPU machine runs `python -m ds_trainer.commands bench kernels` with torch + triton only."""
+    import subprocess
+    from pathlib import Path
+    code = ("import argparse, sys; from ds_trainer.commands import bench; p = argparse.ArgumentParser(); "
+            "bench.add_arguments(p); p.parse_args(['kernels', '--shapes', 'tiny']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'data', 'model', 'decord', 'PIL', 'imageio'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("[]")
