@@ -1,16 +1,15 @@
-"""Adapter checkpoints: export, DeepSpeed state, atomic publish, keep-last-K and auto-resume.
+"""Checkpoints of every job: atomic publish, keep-last-K, verification and auto-resume.
 
-`DIR/checkpoint_opens2v_{step:06d}/`:
-- `model.pt` = {"generator": trainable weights only} (the seed's format; `load_state_dict(strict=False)`
-  into a freshly built model), `adapter.safetensors` (the same tensors), `lora/` (a peft adapter
-  directory) when LoRA is on;
-- `deepspeed/` = `engine.save_checkpoint(exclude_frozen_parameters=True)`: optimizer, scheduler,
-  and our client state (step, data sampler position); `rng_rank<r>.pt` per rank;
-- `meta.json`: step, the run's compatibility key, file sizes, `"complete": true`.
+`DIR/<prefix>{step:06d}/` (the prefix is the job's: `checkpoint_opens2v_` for the adapters):
+- `deepspeed/<role>/`: `engine.save_checkpoint(exclude_frozen_parameters=True)` of each trainable
+  role (optimizer, scheduler; the first role also carries our client state: step, data position);
+- `rng_rank<r>.pt` per rank;
+- the job's own exports (the adapters' `model.pt`, `adapter.safetensors`, `lora/`), written by
+  the `write_exports` callback it passes;
+- `meta.json`: step, the job's compatibility key, file sizes, `"complete": true`.
 
-Everything is written into `.checkpoint_opens2v_XXXXXX.tmp` and renamed when all ranks are done, so
-a crash never leaves a checkpoint that looks complete. Under ZeRO-3 only the trainable parameters
-are gathered for the export (never the frozen backbone).
+Everything is written into `.<name>.tmp` and renamed when all ranks are done, so a crash never
+leaves a checkpoint that looks complete.
 """
 from __future__ import annotations
 
@@ -21,31 +20,26 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
-from ds_trainer.engine import gathered, process_rank
+from ds_trainer.distributed import barrier, process_rank
+from ds_trainer.engine import gathered
 
 log = logging.getLogger(__name__)
-PREFIX = "checkpoint_opens2v_"
-DS_SUBDIR, DS_TAG = "deepspeed", "state"
+DS_SUBDIR = "deepspeed"
+ExportCheck = Callable[[Path], Optional[str]]
 
 
 class IncompatibleCheckpoint(RuntimeError):
     """A checkpoint in the log dir was made by a different job or an incompatible config."""
 
 
-def checkpoint_dir(logdir: Path, step: int) -> Path:
-    return logdir / f"{PREFIX}{step:06d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def checkpoint_dir(logdir: Path, prefix: str, step: int) -> Path:
+    return Path(logdir) / f"{prefix}{step:06d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,37 +82,26 @@ def export_full(model: torch.nn.Module, stage: int, path: Path) -> None:
                 out.update({f"{name}.{n}" if name else n: p.detach().to("cpu", copy=True) for n, p in params})
     if process_rank() == 0:
         save_file(out, str(path))
-    _barrier()
+    barrier()
 
 
-def _lora_state(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The peft adapter state dict (keys as `get_peft_model_state_dict` names them)."""
-    from peft import get_peft_model_state_dict  # noqa: PLC0415
-    state = get_peft_model_state_dict(model, state_dict={k: v for k, v in weights.items() if "lora_" in k})
-    return {f"base_model.model.{k}": v for k, v in state.items()}  # PeftModel.save_pretrained's key layout
-
-
-def save_checkpoint(engine, model, step: int, logdir: Path, meta: dict[str, Any], client_state: dict[str, Any],
-                    stage: int, keep_last: int, lora: bool) -> Path:
-    """Write a complete checkpoint for `step` (every rank calls this)."""
-    final = checkpoint_dir(logdir, step)
-    tmp = logdir / f".{final.name}.tmp"
+def save_checkpoint(logdir: Path, prefix: str, step: int, engines: Mapping[str, Any], meta: dict[str, Any],
+                    client_state: dict[str, Any], keep_last: int, write_exports: Callable[[Path], None]) -> Path:
+    """Write a complete checkpoint for `step` (every rank calls this). `engines`: role -> trainable
+    DeepSpeed engine; `write_exports(tmp_dir)` is called on every rank (it may gather) and
+    writes the job's own files on rank 0."""
+    final = checkpoint_dir(logdir, prefix, step)
+    tmp = Path(logdir) / f".{final.name}.tmp"
     if process_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
-    engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=DS_TAG, client_state=client_state,
-                           exclude_frozen_parameters=True)
+    barrier()
+    for role, engine in engines.items():
+        engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=role, client_state=client_state,
+                               exclude_frozen_parameters=True)
     torch.save(rng_state(), tmp / f"rng_rank{process_rank()}.pt")
-    weights = export_trainable(model, stage)
-    if process_rank() == 0:
-        torch.save({"generator": weights}, tmp / "model.pt")
-        save_file({k: v for k, v in weights.items() if "lora_" not in k}, str(tmp / "adapter.safetensors"))
-        if lora:
-            (tmp / "lora").mkdir()
-            save_file(_lora_state(model, weights), str(tmp / "lora" / "adapter_model.safetensors"))
-            model.peft_config["default"].save_pretrained(str(tmp / "lora"))
-    _barrier()
+    write_exports(tmp)
+    barrier()
     if process_rank() == 0:
         sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": sizes, "complete": True,
@@ -126,23 +109,24 @@ def save_checkpoint(engine, model, step: int, logdir: Path, meta: dict[str, Any]
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        prune(logdir, keep_last)
-    _barrier()
+        prune(logdir, prefix, keep_last)
+    barrier()
     return final
 
 
-def prune(logdir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(logdir)[:-keep_last] if keep_last > 0 else []:
+def prune(logdir: Path, prefix: str, keep_last: int) -> None:
+    for old in list_checkpoints(logdir, prefix)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def list_checkpoints(logdir: Path) -> list[Path]:
+def list_checkpoints(logdir: Path, prefix: str) -> list[Path]:
     """Published checkpoint directories, oldest first (temporary ones are not listed)."""
-    return sorted(p for p in Path(logdir).glob(f"{PREFIX}[0-9]*") if p.is_dir())
+    return sorted(p for p in Path(logdir).glob(f"{prefix}[0-9]*") if p.is_dir())
 
 
-def verify(ckpt: Path) -> Optional[str]:
-    """None if the checkpoint is complete and every file has its recorded size, else why not."""
+def verify(ckpt: Path, check_exports: Optional[ExportCheck] = None) -> Optional[str]:
+    """None if the checkpoint is complete, every file has its recorded size and the job's
+    `check_exports(ckpt)` finds nothing wrong; else why not."""
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -155,11 +139,7 @@ def verify(ckpt: Path) -> Optional[str]:
             return f"{rel} is missing"
         if path.stat().st_size != size:
             return f"{rel} has {path.stat().st_size} bytes, {size} were written"
-    try:
-        torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a corrupt zip / pickle
-        return f"model.pt unreadable ({exc})"
-    return None
+    return check_exports(ckpt) if check_exports else None
 
 
 def describe_difference(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
@@ -173,11 +153,12 @@ def describe_difference(theirs: dict, ours: dict, prefix: str = "") -> list[str]
     return diffs
 
 
-def find_resumable(logdir: Path, compat: dict[str, Any]) -> Optional[Path]:
+def find_resumable(logdir: Path, prefix: str, compat: dict[str, Any],
+                   check_exports: Optional[ExportCheck] = None) -> Optional[Path]:
     """The newest complete checkpoint in `logdir`; broken ones are skipped with a warning;
     one from another job or config raises IncompatibleCheckpoint saying what differs."""
-    for ckpt in reversed(list_checkpoints(logdir)):
-        problem = verify(ckpt)
+    for ckpt in reversed(list_checkpoints(logdir, prefix)):
+        problem = verify(ckpt, check_exports)
         if problem:
             log.warning("checkpoint %s is incomplete or damaged (%s); trying the previous one", ckpt.name, problem)
             continue
@@ -192,13 +173,17 @@ def find_resumable(logdir: Path, compat: dict[str, Any]) -> Optional[Path]:
     return None
 
 
-def load_checkpoint(engine, ckpt: Path) -> dict[str, Any]:
-    """Restore optimizer, scheduler, trainable weights and this rank's RNG; returns client state."""
-    _, client = engine.load_checkpoint(str(ckpt / DS_SUBDIR), tag=DS_TAG, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-    if client is None:
-        raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
+def load_checkpoint(engines: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
+    """Restore each role's optimizer, scheduler and trainable weights and this rank's RNG;
+    returns the client state (saved alike with every role; the first role's is returned)."""
+    clients = []
+    for role, engine in engines.items():
+        _, client = engine.load_checkpoint(str(ckpt / DS_SUBDIR), tag=role, load_module_strict=False,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise RuntimeError(f"{ckpt}: DeepSpeed could not load the state of role {role!r}")
+        clients.append(client)
     rng = ckpt / f"rng_rank{process_rank()}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))
-    return client
+    return clients[0]

@@ -51,7 +51,7 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
 
 def launch_training(config: Path, logdir: Path, ranks: int, zero: str, extra: list[str] = ()) -> None:
     """`deepspeed --num_gpus N --module ds_trainer.train` on CPU (gloo), as a user would run it."""
-    from ds_trainer.engine import free_port  # noqa: PLC0415  (imports deepspeed)
+    from ds_trainer.distributed import free_port  # noqa: PLC0415  (imports deepspeed)
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANSPEED_NO_PROGRESS=os.environ.get("WANSPEED_NO_PROGRESS", "0"),
                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",

@@ -48,11 +48,24 @@ class MetricsLogger:
         self.wandb, self.bar = None, None
         if rank != 0:
             return
+        if start_step == 0:
+            self._set_aside_previous_run()
         from tqdm import tqdm  # noqa: PLC0415
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=os.environ.get("WANSPEED_NO_PROGRESS") == "1")
         if not disable_wandb:
             self.wandb = self._start_wandb(wandb_cfg, Path(logdir), run_config)
+
+    def _set_aside_previous_run(self) -> None:
+        """A run starting at step 0 (fresh, or `--no-auto-resume` in a used log dir) writes a new
+        metrics.jsonl; an earlier run's rows move to metrics.previous-<n>.jsonl, not mixed in."""
+        if not self.path.exists():
+            return
+        n = 1
+        while (old := self.path.with_name(f"metrics.previous-{n}.jsonl")).exists():
+            n += 1
+        self.path.rename(old)
+        log.info("metrics.jsonl of an earlier run in this log dir kept as %s", old.name)
 
     @staticmethod
     def _start_wandb(cfg, logdir: Path, run_config: dict[str, Any]):

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 def load_trained_generator(cfg, checkpoint: Path):
     """Base + LoRA + the checkpoint's trainable weights (`load_state_dict(strict=False)`)."""
-    from ds_trainer.apply import apply_lora  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
+
+    from ds_trainer.trainable import apply_lora  # noqa: PLC0415
     from model.checkpoint import load_wan_model  # noqa: PLC0415
     from model.wan import WanModel  # noqa: PLC0415
 
@@ -27,7 +29,7 @@ def load_trained_generator(cfg, checkpoint: Path):
     model = (load_wan_model(cfg.generator_ckpt, reference_paths=wan_cfg.reference_paths)[0]
              if cfg.generator_ckpt else WanModel(wan_cfg))
     if cfg.adapter:
-        model = apply_lora(model, cfg.adapter.r, cfg.adapter.lora_alpha, 0.0, cfg.adapter.target_modules)
+        model = apply_lora(model, dataclasses.replace(cfg.adapter, lora_dropout=0.0))
     trained = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)["generator"]
     missing, unexpected = model.load_state_dict(trained, strict=False)
     if unexpected:
@@ -66,14 +68,13 @@ def write_mp4(video: torch.Tensor, subject: Optional[torch.Tensor], path: Path, 
 def run(args) -> int:
     """args: the options of `wanspeed sample` (ds_trainer/commands/sample.py)."""
     from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
-    from ds_trainer import checkpointing  # noqa: PLC0415
-    from ds_trainer.config import load_train_config  # noqa: PLC0415
+    from ds_trainer.config import load_train_config, trainer_class  # noqa: PLC0415
     from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
     from ds_trainer.flow_step import inputs_from_raw  # noqa: PLC0415
     from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
 
     cfg = load_train_config(args.logdir / "config.yaml")
-    ckpt = args.checkpoint or checkpointing.find_resumable(args.logdir, cfg.compatibility_key())
+    ckpt = args.checkpoint or trainer_class(cfg).find_resumable(args.logdir, cfg)
     if ckpt is None:
         raise SystemExit(f"{args.logdir}: no complete checkpoint to sample from")
     if cfg.encoders is None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from model.typed_config import ConfigError, from_mapping
+
 T5_TOKENS = 512          # Wan zero-pads every T5 context to this length before text_embedding
 T5_DIM = 4096            # umT5-XXL hidden size
 CLIP_TOKENS = 257        # ViT-H/14 at 224px: 16 * 16 patches + 1 class token
@@ -20,10 +22,6 @@ VAE_Z_DIM = 16           # Wan VAE latent channels
 I2V_MASK_CHANNELS = 4    # first-frame mask, one channel per pixel frame of a latent frame
 VAE_STRIDE = (4, 8, 8)   # (time, height, width) compression of the Wan VAE
 MODEL_TYPES = ("t2v", "i2v")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field."""
 
 
 @dataclass
@@ -96,23 +94,24 @@ class WanConfig:
 
     def __post_init__(self):
         if isinstance(self.reference_paths, dict):
-            self.reference_paths = _from_dict(ReferencePathsConfig, self.reference_paths, "reference_paths")
+            self.reference_paths = from_mapping(ReferencePathsConfig, self.reference_paths, "WanConfig",
+                                                "reference_paths")
         self.patch_size = tuple(self.patch_size)
         self.window_size = tuple(self.window_size)
         if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+            raise ConfigError(f"must be one of {MODEL_TYPES}, got {self.model_type!r}", key="model_type")
         if self.dim % self.num_heads:
-            raise ConfigError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+            raise ConfigError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})", key="num_heads")
         if self.head_dim % 2:
-            raise ConfigError(f"head dim dim/num_heads = {self.head_dim} must be even for RoPE")
+            raise ConfigError(f"head dim dim/num_heads = {self.head_dim} must be even for RoPE", key="num_heads")
         if self.window_size != (-1, -1):
-            raise ConfigError(f"window_size {self.window_size} is not supported; use (-1, -1)")
+            raise ConfigError(f"{self.window_size} is not supported; use (-1, -1)", key="window_size")
         expected_in = VAE_Z_DIM + I2V_MASK_CHANNELS + VAE_Z_DIM if self.model_type == "i2v" else None
         if expected_in is not None and self.in_dim != expected_in:
-            raise ConfigError(f"in_dim must be {expected_in} for model_type 'i2v', got {self.in_dim}")
+            raise ConfigError(f"must be {expected_in} for model_type 'i2v', got {self.in_dim}", key="in_dim")
         if self.model_type == "i2v" and self.reference_paths.clip:
-            raise ConfigError("reference_paths.clip is not supported on an i2v model: "
-                              "its k_img/v_img path already carries the first frame's CLIP tokens")
+            raise ConfigError("not supported on an i2v model: its k_img/v_img path already carries the first "
+                              "frame's CLIP tokens", key="reference_paths.clip")
 
     @property
     def head_dim(self) -> int:
@@ -133,7 +132,7 @@ class WanConfig:
         diffusers bookkeeping keys (`_class_name`, `_diffusers_version`, ...) are ignored.
         """
         data = {k: v for k, v in data.items() if not k.startswith("_")}
-        return _from_dict(cls, data, where)
+        return from_mapping(cls, data, where)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "WanConfig":
@@ -146,19 +145,6 @@ class WanConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _from_dict(cls, data: dict[str, Any], where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    try:
-        return cls(**data)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
 
 
 WAN_TINY = WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=48, clip_dim=40, num_heads=2, num_layers=2)

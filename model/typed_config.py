@@ -3,7 +3,12 @@
 `from_mapping(cls, data, where)` builds `cls` recursively: nested dataclasses, Optional[...],
 list[...] / tuple[...] of scalars or dataclasses, and scalars (int accepted for float; bool is not
 an int). Unknown keys and wrong types raise `ConfigError` with `where: dotted.path: message`;
-values checked in a dataclass's `__post_init__` are re-raised with the same prefix.
+values checked in a dataclass's `__post_init__` (raising `ConfigError(message, key=field)`) are
+re-raised as `where: dotted.path.field: message`. A dataclass may accept other names for its
+fields with a class attribute `CONFIG_ALIASES = {"other_name": "field"}` (e.g. the OpenS2V
+seed's `pixel_height` for `height`).
+
+Every config of the project (run configs, their sections, `WanConfig`) is built here.
 """
 from __future__ import annotations
 
@@ -15,7 +20,16 @@ from typing import Any, Union
 
 import yaml
 
-from model.config import ConfigError
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the file and the dotted key.
+
+    `key`: the field (dotted, relative to the dataclass raising it) when the raiser knows it;
+    `from_mapping` then prefixes the file and the path of the dataclass."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.message, self.key = message, key
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -38,6 +52,7 @@ def from_mapping(cls, data: Any, where: str, path: str = ""):
         raise ConfigError(f"{label}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _resolve_aliases(cls, data, where, path)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         dotted = ", ".join(f"{path + '.' if path else ''}{k}" for k in unknown)
@@ -47,9 +62,23 @@ def from_mapping(cls, data: Any, where: str, path: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as exc:
+        if exc.key:
+            raise ConfigError(f"{where}: {path + '.' if path else ''}{exc.key}: {exc.message}") from exc
         raise ConfigError(f"{label}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{label}: {exc}") from exc
+
+
+def _resolve_aliases(cls, data: dict, where: str, path: str) -> dict:
+    aliases = getattr(cls, "CONFIG_ALIASES", {})
+    out = dict(data)
+    for alias, name in aliases.items():
+        if alias in out:
+            if name in out:
+                dotted = f"{path + '.' if path else ''}"
+                raise ConfigError(f"{where}: {dotted}{alias} and {dotted}{name} are the same setting: give one")
+            out[name] = out.pop(alias)
+    return out
 
 
 def _convert(tp, value, where: str, path: str):

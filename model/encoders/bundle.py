@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from model.typed_config import ConfigError
+
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FINGERPRINT_BYTES = 1 << 20  # hash the first and last MiB of each weight file
@@ -38,9 +40,9 @@ class EncoderPaths:
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"encoders.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}", key="dtype")
         if not self.vae:
-            raise ValueError("encoders.vae is required")
+            raise ConfigError("is required", key="vae")
 
 
 def _is_official(path: str) -> bool:

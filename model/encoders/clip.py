@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from model.config import CLIP_DIM, CLIP_TOKENS
 from model.encoders.loading import check_loading_info
 
 logger = logging.getLogger(__name__)
 
 CLIP_IMAGE_SIZE = 224
 CLIP_PATCH = 14
-CLIP_TOKENS = 1 + (CLIP_IMAGE_SIZE // CLIP_PATCH) ** 2  # 257: class token + 16 x 16 patches
-CLIP_DIM = 1280
+assert CLIP_TOKENS == 1 + (CLIP_IMAGE_SIZE // CLIP_PATCH) ** 2  # 257: class token + 16 x 16 patches
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """OpenAI CLIP normalisation, applied to pixels in [0, 1]."""
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

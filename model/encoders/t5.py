@@ -21,13 +21,11 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from model.config import T5_DIM, T5_TOKENS  # prompts are padded / truncated to T5_TOKENS
 from model.encoders.loading import check_loading_info
 
 logger = logging.getLogger(__name__)
 
-T5_TOKENS = 512
-"""Prompts are padded and truncated to this many tokens (the DiT's text length)."""
-T5_DIM = 4096
 
 UMT5_XXL: Mapping[str, object] = dict(
     vocab_size=256384,

@@ -20,11 +20,10 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from torch import nn
 
+from model.config import VAE_Z_DIM
+
 logger = logging.getLogger(__name__)
 
-VAE_Z_DIM = 16
-VAE_TEMPORAL_STRIDE = 4
-VAE_SPATIAL_STRIDE = 8
 WAN_VAE_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,

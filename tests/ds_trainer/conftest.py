@@ -12,7 +12,7 @@ import pytest
 
 from ds_trainer.commands import cache as cache_cmd
 from ds_trainer.demo import REPO, prepare
-from ds_trainer.engine import free_port
+from ds_trainer.distributed import free_port
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +24,11 @@ def demo_config(tmp_path_factory):
     return config
 
 
-def launch(config, logdir, ranks=2, zero="3", sets=(), extra=(), env=None, wait=True):
-    """Start `deepspeed --num_gpus N --module ds_trainer.train` on CPU; returns the Popen."""
+def launch(config, logdir, ranks=2, zero="3", sets=(), extra=(), env=None, wait=True, module="ds_trainer.train"):
+    """Start `deepspeed --num_gpus N --module <module>` on CPU; returns the Popen."""
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(port), "--module", "ds_trainer.train", "--config", str(config), "--logdir", str(logdir),
+           str(port), "--module", module, "--config", str(config), "--logdir", str(logdir),
            "--zero", zero, "--disable-wandb", *extra]
     for s in sets:
         cmd += ["--set", s]

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ds_trainer import checkpointing
+from ds_trainer.adapter_trainer import AdapterTrainer
 from ds_trainer.config import load_train_config
 from model.checkpoint import read_checkpoint
 from tests.ds_trainer.conftest import finished, kill_group, launch, losses, wait_for
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.slow
 TRAINABLE = ("clip_proj.", "vae_proj.", ".k_vae.", ".v_vae.", ".norm_k_vae.", ".k_fused.", ".v_fused.",
              ".norm_k_fused.", ".k_img.", ".v_img.", ".norm_k_img.")
 FAST = ("lr=0.01", "warmup_steps=2")
+NAN_MODULE = "tests.ds_trainer.nan_injecting_train"
 
 
 def test_zero3_two_ranks_trains_only_the_adapters(demo_config, tmp_path):
@@ -80,7 +82,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(de
     victim = launch(demo_config, tmp_path / "killed", sets=sets, wait=False)
     wait_for(tmp_path / "killed" / "checkpoint_opens2v_000004", victim)
     kill_group(victim)
-    published = checkpointing.list_checkpoints(tmp_path / "killed")
+    published = AdapterTrainer.list_checkpoints(tmp_path / "killed")
     assert published and published[-1].name < "checkpoint_opens2v_000012", "killed before the end"
     resumed = launch(demo_config, tmp_path / "killed", sets=sets)
     assert finished(resumed)["step"] == 12
@@ -89,15 +91,15 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(de
                                rtol=1e-5, atol=1e-6)
     # a truncated newest checkpoint is detected and the previous one is used
     cfg = load_train_config(demo_config)
-    newest = checkpointing.list_checkpoints(tmp_path / "killed")[-1]
+    newest = AdapterTrainer.list_checkpoints(tmp_path / "killed")[-1]
     with open(newest / "model.pt", "r+b") as fh:
         fh.truncate(100)
-    chosen = checkpointing.find_resumable(tmp_path / "killed", cfg.compatibility_key())
+    chosen = AdapterTrainer.find_resumable(tmp_path / "killed", cfg)
     assert chosen is not None and chosen.name < newest.name
     # a checkpoint of another config is refused, saying what differs
     other = load_train_config(demo_config, {"train_fused_path": False})
     with pytest.raises(checkpointing.IncompatibleCheckpoint, match="train_fused_path"):
-        checkpointing.find_resumable(tmp_path / "killed", other.compatibility_key())
+        AdapterTrainer.find_resumable(tmp_path / "killed", other)
 
 
 def _rank_pid(port: int, rank: int) -> int:
@@ -132,18 +134,18 @@ def test_one_rank_killed_ends_the_run_without_a_hang_and_keeps_its_checkpoints(d
         raise AssertionError("the surviving rank hung after its peer was killed")
     assert run.returncode != 0, out[-2000:]
     cfg = load_train_config(demo_config)
-    chosen = checkpointing.find_resumable(tmp_path / "run", cfg.compatibility_key())
+    chosen = AdapterTrainer.find_resumable(tmp_path / "run", cfg)
     assert chosen is not None and chosen.name >= "checkpoint_opens2v_000004"
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{run.port}_*"))
 
 
 def test_nonfinite_loss_on_one_rank_skips_everywhere_and_too_many_stop(demo_config, tmp_path):
     ok = launch(demo_config, tmp_path / "nan", sets=FAST + ("max_iters=4", "log_iters=100"),
-                env={"WANSPEED_INJECT_NAN": "1:2"})
+                env={"NAN_AT": "1:2"}, module=NAN_MODULE)
     summary = finished(ok)
     assert summary == {"step": 4, "skipped_samples": 0, "nonfinite_losses": 1}
     stop = launch(demo_config, tmp_path / "stop", sets=FAST + ("max_iters=4", "max_consecutive_nonfinite=2"),
-                  env={"WANSPEED_INJECT_NAN": "0:1+"})
+                  env={"NAN_AT": "0:1+"}, module=NAN_MODULE)
     assert stop.returncode != 0 and "non-finite losses in a row" in stop.output
 
 
@@ -181,7 +183,7 @@ def test_two_node_hostfile_launch_without_ssh(demo_config, tmp_path):
     import sys
 
     from ds_trainer.demo import REPO
-    from ds_trainer.engine import free_port
+    from ds_trainer.distributed import free_port
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = str(free_port())

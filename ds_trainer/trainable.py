@@ -1,11 +1,18 @@
-"""Small `apply_*` functions that prepare the generator for adapter training: freezing, LoRA,
-activation checkpointing. Each takes the model and its own settings, nothing else."""
+"""What trains and how it is recomputed: freezing to the trainable patterns, peft LoRA on the
+attention projections, activation checkpointing. Each `apply_*` takes the model and its own
+config section, nothing else."""
 from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
+
+from model.config import WanConfig
+
+if TYPE_CHECKING:
+    from ds_trainer.config import AdapterSection, ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +24,12 @@ CLIP_PATH_PATTERNS = (r"\.cross_attn\.(k_img|v_img|norm_k_img)\.",)  # new on a 
 LORA_NAME_MAP = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out": "o", "to_out.0": "o"}
 
 
-def trainable_patterns(train_fused_path: bool, clip_path_is_new: bool) -> tuple[str, ...]:
-    return (REFERENCE_PATTERNS + (FUSED_PATTERNS if train_fused_path else ())
+def reference_trainable_patterns(cfg: WanConfig) -> tuple[str, ...]:
+    """The new layers of the subject-reference paths `cfg` carries: the VAE path always, the fused
+    path when on, and the CLIP path's k_img/v_img when they are new (a T2V base has none)."""
+    refs = cfg.reference_paths
+    clip_path_is_new = cfg.model_type == "t2v" and refs.clip
+    return (REFERENCE_PATTERNS + (FUSED_PATTERNS if refs.fused else ())
             + (CLIP_PATH_PATTERNS if clip_path_is_new else ()))
 
 
@@ -52,19 +63,20 @@ def lora_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     return sorted(n for n in linears if n.rsplit(".", 1)[-1] in out)
 
 
-def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, targets: list[str]) -> nn.Module:
+def apply_lora(model: nn.Module, adapter: "AdapterSection") -> nn.Module:
     """Wrap the attention projections with peft LoRA (in place); returns the model."""
     from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
 
-    modules = lora_target_modules(model, targets)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, init_lora_weights=True)
+    modules = lora_target_modules(model, adapter.target_modules)
+    cfg = LoraConfig(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
+                     target_modules=modules, init_lora_weights=True)
     model = inject_adapter_in_model(cfg, model)
     model.peft_config = {"default": cfg}
-    log.info("LoRA r=%d alpha=%d on %d attention Linears", r, alpha, len(modules))
+    log.info("LoRA r=%d alpha=%d on %d attention Linears", adapter.r, adapter.lora_alpha, len(modules))
     return model
 
 
-def apply_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Recompute every transformer block in the backward pass (non-reentrant, so frozen
-    parameters and ZeRO-3 hooks are fine; state-dict keys unchanged)."""
-    model.gradient_checkpointing = enabled
+def apply_activation_checkpointing(model: nn.Module, section: "ModelSection") -> None:
+    """With `section.activation_checkpointing`, recompute every transformer block in the backward
+    pass (non-reentrant, so frozen parameters and ZeRO-3 hooks are fine; state-dict keys unchanged)."""
+    model.gradient_checkpointing = section.activation_checkpointing
