@@ -1,6 +1,7 @@
 """End-to-end DeepSpeed runs on CPU (2 ranks, gloo): what trains, what stays frozen, ZeRO stages
 agree, a killed run resumes exactly, checkpoints load the way the seed loads them."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,40 @@ def test_two_node_hostfile_launch_without_ssh(demo_config, tmp_path):
     assert '{"finished": {"step": 3' in outs[0]
     meta = json.loads((tmp_path / "run" / "checkpoint_opens2v_000003" / "meta.json").read_text())
     assert meta["world_size"] == 2
+
+
+def test_a_second_job_on_the_trainer_base_trains_two_roles_checkpoints_and_resumes(tmp_path):
+    """The base carries a job with two engines (DMD's shape) without AdapterTrainer: each role's
+    DeepSpeed state is checkpointed and restored, and a resumed run matches an uninterrupted one."""
+    import subprocess
+    import sys
+
+    from ds_trainer.demo import REPO
+    from tests.ds_trainer.two_role_job import TwoRoleTrainer
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text("job: two-roles\nbatch_size: 4\nlog_iters: 5\nnum_workers: 0\nzero: '2'\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANSPEED_NO_PROGRESS="1", PYTHONPATH=str(REPO))
+
+    def run(logdir, iters):
+        out = subprocess.run([sys.executable, "-m", "tests.ds_trainer.two_role_job", "--config", str(cfg), "--logdir",
+                              str(logdir), "--disable-wandb", "--set", f"max_iters={iters}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    run(tmp_path / "full", 20)  # 5 epochs of 4 batches
+    run(tmp_path / "resumed", 10)
+    assert "resumed from" in run(tmp_path / "resumed", 20)
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert len(full) == 20 and sum(full[-4:]) < 0.5 * sum(full[:4]), full  # the student learns
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-6, atol=1e-7)
+    from ds_trainer.metrics import read_metrics
+    critic = [[r["critic_loss"] for r in read_metrics(tmp_path / d)] for d in ("full", "resumed")]
+    torch.testing.assert_close(torch.tensor(critic[1]), torch.tensor(critic[0]), rtol=1e-6, atol=1e-7)  # both roles restored
+    assert {"lr_student", "lr_critic", "grad_norm_student", "grad_norm_critic"} <= set(read_metrics(tmp_path / "full")[0])
+    newest = TwoRoleTrainer.list_checkpoints(tmp_path / "resumed")[-1]
+    assert newest.name == "checkpoint_tworoles_000020"
+    assert {p.name for p in (newest / "deepspeed").iterdir() if p.is_dir()} == {"student", "critic"}
+    assert (newest / "student.safetensors").is_file()
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["compat"]["job"] == "two-roles"
