@@ -72,7 +72,7 @@ class AdapterSection:
             raise ConfigError(f"must be 'lora', got {self.adapter_type!r}", key="adapter_type")
         if self.r < 1:
             raise ConfigError(f"must be >= 1, got {self.r}", key="r")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not 0.0 <= self.lora_dropout < 1.0:  # also NaN
             raise ConfigError(f"must be in [0, 1), got {self.lora_dropout}", key="lora_dropout")
         if not self.target_modules:
             raise ConfigError("is empty", key="target_modules")
@@ -182,7 +182,7 @@ class RunConfig:
         for name in ("keep_last_checkpoints", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
-        if self.max_grad_norm <= 0:
+        if not self.max_grad_norm > 0:  # also NaN
             raise ConfigError(f"must be > 0, got {self.max_grad_norm}", key="max_grad_norm")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             raise ConfigError(f"no such file: {self.deepspeed_config}", key="deepspeed_config")
@@ -243,11 +243,13 @@ class TrainConfig(RunConfig):
         if self.height % 16 or self.width % 16 or self.height < 16 or self.width < 16:
             raise ConfigError(f"height and width must be positive multiples of 16 (VAE x8, patch x2), "
                               f"got {self.height}x{self.width}", key="height")
-        if self.lr <= 0:
-            raise ConfigError(f"must be > 0, got {self.lr}", key="lr")
+        if not 0 < self.lr < float("inf"):  # also NaN
+            raise ConfigError(f"must be a finite number > 0, got {self.lr}", key="lr")
         if self.warmup_steps < 0:
             raise ConfigError(f"must be >= 0, got {self.warmup_steps}", key="warmup_steps")
-        if self.timestep_shift <= 0:
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"must be a finite number >= 0, got {self.weight_decay}", key="weight_decay")
+        if not 0 < self.timestep_shift < float("inf"):
             raise ConfigError(f"must be > 0, got {self.timestep_shift}", key="timestep_shift")
         if self.cache_dir is None and self.encoders is None:
             raise ConfigError("set `encoders` (T5/CLIP/VAE paths) or `cache_dir` (train from the encoder cache)",

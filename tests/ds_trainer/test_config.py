@@ -91,10 +91,23 @@ def test_a_seed_alias_and_its_name_together_are_an_error(tmp_path):
     ("keep_last_checkpoints: -1", "keep_last_checkpoints"),
     ("height: 100", "height"),
     ("deepspeed_config: /no/such/ds.json", "deepspeed_config"),
+    ("max_grad_norm: -1", "max_grad_norm"),
+    ("warmup_steps: -5", "warmup_steps"),
+    ("height: 0", "height"),
+    ("width: -16", "height"),
+    ("lr: .nan", "lr"),
+    ("lr: .inf", "lr"),
+    ("timestep_shift: -2", "timestep_shift"),
+    ("num_workers: -1", "num_workers"),
+    ("weight_decay: -0.1", "weight_decay"),
+    ("adapter: {lora_dropout: .nan}", "adapter.lora_dropout"),
+    ("lr: 1\nlr: 2", "'lr' appears twice"),
+    ("model: {preset: tiny, preset: tiny}", "'preset' appears twice"),
 ])
 def test_a_bad_value_anywhere_is_an_error_at_load_naming_file_and_key(tmp_path, line, key):
     """Also with cache_dir set (the data section is then not used for training, but still checked)."""
-    path = _write(tmp_path, MINIMAL + line + "\n")
+    base = MINIMAL if not line.startswith("model:") else MINIMAL.replace("model: {preset: tiny}", "")
+    path = _write(tmp_path, base + line + "\n")
     with pytest.raises(ConfigError) as err:
         load_train_config(path)
     message = str(err.value)
@@ -114,6 +127,8 @@ def test_set_overrides_are_checked_like_the_file(tmp_path):
     assert load_train_config(path, {"opens2v.sample_stride": 2}).opens2v.sample_stride == 2
     with pytest.raises(ConfigError, match="opens2v.subject_selection"):
         load_train_config(path, {"opens2v.subject_selection": "frist"})
+    with pytest.raises(ConfigError, match="lr is not a section"):
+        load_train_config(path, {"lr.b.c": 1})
 
 
 def test_wan_config_json_loads_through_the_same_path(tmp_path):
