@@ -1,7 +1,9 @@
 """A deterministic, rank-aware sampler that resumes exactly where a run stopped.
 
-Each epoch is one seeded permutation of the dataset (padded by wrap-around to a multiple of the
-world size); rank r takes positions r, r + W, r + 2W, ... The position is kept as a GLOBAL count
+Each epoch is one seeded permutation of the dataset, padded by wrap-around to a multiple of
+world size x batch size; rank r takes positions r, r + W, r + 2W, ... So every rank gets the same
+number of FULL batches every epoch, whatever the dataset size (even one smaller than W x B):
+a DataLoader with drop_last never comes up empty, and no rank waits for another's extra batch. The position is kept as a GLOBAL count
 of consumed samples, so a run can resume on a different world size and still continue the same
 permutation without repeating or skipping samples.
 
@@ -17,19 +19,24 @@ from torch.utils.data import Sampler
 
 
 class ResumableDistributedSampler(Sampler[int]):
-    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 batch_size: int = 1):
         if dataset_len <= 0:
             raise ValueError("cannot sample from an empty dataset")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.rank, self.world, self.seed, self.shuffle = dataset_len, rank, world_size, seed, shuffle
+        self.batch_size = batch_size
         self.epoch = 0
         self.consumed = 0  # global samples consumed in this epoch (all ranks)
 
     @property
     def per_epoch(self) -> int:
-        """Global samples per epoch: dataset length padded up to a multiple of the world size."""
-        return -(-self.n // self.world) * self.world
+        """Global samples per epoch: dataset length padded up to a multiple of world x batch size."""
+        step = self.world * self.batch_size
+        return -(-self.n // step) * step
 
     def __len__(self) -> int:
         """Samples this rank yields for the rest of the current epoch."""
@@ -67,5 +74,9 @@ class ResumableDistributedSampler(Sampler[int]):
             raise ValueError(f"sampler state is for dataset_len={state['dataset_len']}, seed={state['seed']}, "
                              f"shuffle={state['shuffle']}; this run has {self.n}, {self.seed}, {self.shuffle}")
         self.epoch = int(state["epoch"])
-        # consumed stays a multiple of the new world size: round down, re-serving < W samples
-        self.consumed = int(state["consumed"]) // self.world * self.world
+        # consumed stays a multiple of the new world x batch size: round down, re-serving < W x B
+        # samples; past the end of a (now shorter) epoch, the next epoch starts
+        step = self.world * self.batch_size
+        self.consumed = int(state["consumed"]) // step * step
+        if self.consumed >= self.per_epoch:
+            self.epoch, self.consumed = self.epoch + 1, 0

@@ -61,7 +61,8 @@ class Trainer:
         self.build_models()
         self.engines: dict[str, Any] = self.build_engines()
         self.dataset = self.build_data()
-        self.sampler = ResumableDistributedSampler(len(self.dataset), self.rank, self.world, seed=cfg.seed)
+        self.sampler = ResumableDistributedSampler(len(self.dataset), self.rank, self.world, seed=cfg.seed,
+                                                   batch_size=cfg.batch_size)
         self.step, self.totals = 0, {"skipped_samples": 0, "nonfinite_losses": 0}
         if auto_resume:
             self.resume()
@@ -182,7 +183,9 @@ class Trainer:
         cfg, rows, micro, consecutive_bad, t0 = self.cfg, [], 0, 0, time.perf_counter()
         data_wait = 0.0
         while self.step < cfg.max_iters:
+            batches = 0
             for batch, waited in _timed(self.make_loader()):
+                batches += 1
                 data_wait += waited
                 self.sampler.advance(cfg.batch_size)
                 self.totals["skipped_samples"] += int(all_reduce_scalar(len(getattr(batch, "skipped", []) or [])))
@@ -210,6 +213,9 @@ class Trainer:
                     break
                 if self.sampler.consumed == 0:
                     break  # epoch rolled over: rebuild the loader (new order, new random choices)
+            if batches == 0:  # the sampler guarantees full batches; never spin on an empty loader
+                raise RuntimeError(f"the data loader yielded no batch at epoch {self.sampler.epoch} "
+                                   f"(position {self.sampler.consumed} of {self.sampler.per_epoch})")
         self.metrics.close()
         self.finish()
         return dict(step=self.step, **self.totals)

@@ -77,3 +77,50 @@ def test_state_of_another_dataset_is_refused():
     s = ResumableDistributedSampler(10, 0, 1, seed=0)
     with pytest.raises(ValueError, match="dataset_len=10"):
         ResumableDistributedSampler(11, 0, 1, seed=0).load_state_dict(s.state_dict())
+
+
+def _trainer_epochs(n, world, batch, accumulation, steps):
+    """What `Trainer.train` does on every rank, with real DataLoaders (drop_last) over a dataset of
+    `n` items: rebuild the loader each epoch, advance by a batch per micro-batch, count optimizer
+    steps every `accumulation` micro-batches (windows may span epochs). Returns per-rank batch
+    counts per loader pass and the items each rank saw."""
+    import torch
+
+    samplers = [ResumableDistributedSampler(n, r, world, seed=2, batch_size=batch) for r in range(world)]
+    passes = {r: [] for r in range(world)}
+    seen = {r: [] for r in range(world)}
+    micro = done = 0
+    while done < steps:
+        loaders = [torch.utils.data.DataLoader(list(range(n)), batch_size=batch, sampler=s, drop_last=True)
+                   for s in samplers]
+        counts = [0] * world
+        for batches in zip(*loaders):  # the ranks step together: a collective per micro-batch
+            for r, b in enumerate(batches):
+                counts[r] += 1
+                seen[r] += b.tolist()
+                samplers[r].advance(batch)
+            micro += 1
+            if micro % accumulation == 0:
+                done += 1
+                if done >= steps:
+                    break
+        for r in range(world):
+            assert sum(1 for _ in loaders[r]) >= 0  # each loader can still be iterated (no state left behind)
+            passes[r].append(counts[r])
+        assert counts[0] > 0, f"an empty epoch: the trainer would spin (n={n}, world={world}, batch={batch})"
+    return passes, seen
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 7, 12])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_every_epoch_gives_every_rank_the_same_number_of_full_batches(n, world, batch, accumulation):
+    """Dataset sizes not a multiple of world x batch, and smaller than it, used to yield an empty
+    loader after the first epoch (drop_last), so the trainer rebuilt loaders forever."""
+    passes, seen = _trainer_epochs(n, world, batch, accumulation, steps=3 * -(-n // (world * batch)) + 1)
+    assert len({tuple(p) for p in passes.values()}) == 1, passes  # equal batch counts on every rank
+    assert all(c >= 1 for c in passes[0]), passes
+    per_epoch = -(-n // (world * batch)) * world * batch
+    first_epoch = sorted(i for r in seen for i in seen[r][: per_epoch // world])
+    assert set(first_epoch) == set(range(n))  # every item served in each epoch (repeats pad the tail)

@@ -211,7 +211,10 @@ def test_a_second_job_on_the_trainer_base_trains_two_roles_checkpoints_and_resum
     from ds_trainer.demo import REPO
     from tests.ds_trainer.two_role_job import TwoRoleTrainer
     cfg = tmp_path / "two.yaml"
-    cfg.write_text("job: two-roles\nbatch_size: 4\nlog_iters: 5\nnum_workers: 0\nzero: '2'\n")
+    # 6 samples in batches of 4, 3 micro-batches a step: no epoch is a whole number of batches or of
+    # accumulation windows (the end-of-epoch case that used to spin forever)
+    cfg.write_text("job: two-roles\nsamples: 6\nbatch_size: 4\ngradient_accumulation_steps: 3\nlog_iters: 5\n"
+                   "num_workers: 0\nzero: '2'\n")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANSPEED_NO_PROGRESS="1", PYTHONPATH=str(REPO))
 
     def run(logdir, iters):
@@ -221,7 +224,7 @@ def test_a_second_job_on_the_trainer_base_trains_two_roles_checkpoints_and_resum
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return out.stdout + out.stderr
 
-    run(tmp_path / "full", 20)  # 5 epochs of 4 batches
+    run(tmp_path / "full", 20)  # 60 micro-batches: 30 epochs of 2 batches
     run(tmp_path / "resumed", 10)
     assert "resumed from" in run(tmp_path / "resumed", 20)
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
