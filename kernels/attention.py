@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from kernels.attention_types import KVPath, key_padding_mask, visible_slots
 from kernels.block_causal_layout import block_causal_mask
+from kernels.multi_path_reference import multi_path_attention_ref  # noqa: F401  (re-exported for tests)
 
 ENV_VAR = "WANSPEED_ATTN_BACKEND"
 DEFAULT_BACKEND = "sdpa"
@@ -33,23 +34,6 @@ DEFAULT_BACKEND = "sdpa"
 
 class AttentionBackendUnavailable(RuntimeError):
     """A requested attention backend is unknown or cannot run on this machine."""
-
-
-@dataclass(frozen=True)
-class KVPath:
-    """One key/value set of a multi-path attention.
-
-    k, v: [B, Lk, N, D]. lens: optional [B] int, the valid key count per sample (<= Lk).
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    lens: Optional[torch.Tensor] = None
-
-
-def _key_padding_mask(k_lens: torch.Tensor, lk: int) -> torch.Tensor:
-    """[B] lengths -> [B, 1, 1, Lk] bool mask, True where the key is attended."""
-    return (torch.arange(lk, device=k_lens.device)[None, :] < k_lens[:, None])[:, None, None, :]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -72,7 +56,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_lens = k_lens.to(device=q.device)
         empty = k_lens == 0
         # An all-masked row makes softmax NaN: let such samples see key 0, zero them below.
-        mask = _key_padding_mask(torch.where(empty, torch.ones_like(k_lens), k_lens), k.shape[1])
+        mask = key_padding_mask(torch.where(empty, torch.ones_like(k_lens), k_lens), k.shape[1])
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)  # [B, N, Lq, D]
     out = out.transpose(1, 2)
@@ -102,7 +86,6 @@ class AttentionBackend:
         """q [B, Lq, N, D] against a ring-buffer cache [B, C, N, D]: the sink [0, sink_len) plus
         `window_len` slots from `window_start`, wrapping back to `sink_len`. Default: gather the
         visible slots, then attention; the triton backend reads them in place."""
-        from kernels.kv_cache_attention import visible_slots  # noqa: PLC0415
         idx = visible_slots(k_cache.shape[1], sink_len, window_start, window_len).to(k_cache.device)
         return self.attention(q, k_cache[:, idx], v_cache[:, idx])
 
@@ -144,7 +127,7 @@ class FlashAttnBackend(AttentionBackend):
             return flash_attn.flash_attn_func(q, k, v)
         b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         k_lens = k_lens.to(device=q.device, dtype=torch.int32)
-        keep = _key_padding_mask(k_lens, lk).view(b, lk)
+        keep = key_padding_mask(k_lens, lk).view(b, lk)
         cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(0, (b + 1) * lq, lq, device=q.device, dtype=torch.int32)
         out = flash_attn.flash_attn_varlen_func(
@@ -264,22 +247,6 @@ def _dense_block_causal_mask(layout, device: str) -> torch.Tensor:
 def multi_path_attention(q, paths: Sequence[KVPath], backend: Optional[str] = None) -> torch.Tensor:
     """Sum of per-path softmax attentions on [B, L, N, D]; see the module docstring."""
     return get_backend(backend).multi_path_attention(q, paths)
-
-
-def multi_path_attention_ref(q, paths: Sequence[KVPath]) -> torch.Tensor:
-    """Plain-PyTorch reference (explicit softmax, any dtype incl. float64) for tests.
-
-    q: [B, Lq, N, D]; returns [B, Lq, N, D] in q's dtype.
-    """
-    scale = q.shape[-1] ** -0.5
-    out = torch.zeros_like(q)
-    for p in paths:
-        s = torch.einsum("bqnd,bknd->bnqk", q, p.k.to(q.dtype)) * scale
-        if p.lens is not None:
-            s = s.masked_fill(~_key_padding_mask(p.lens.to(q.device), p.k.shape[1]), float("-inf"))
-        w = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a zero-length path gives an all-NaN row
-        out = out + torch.einsum("bnqk,bknd->bqnd", w, p.v.to(q.dtype))
-    return out
 
 
 register_backend("sdpa", SDPABackend)

@@ -42,7 +42,6 @@ inputs use IEEE dots. Under the Triton interpreter bf16 is upcast to fp32 before
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -50,16 +49,11 @@ import triton
 import triton.language as tl
 
 from kernels.block_causal_layout import BlockCausalLayout, block_causal_attention_ref
-from kernels.fused_cross_attention import MIN_BLOCK_D, SUPPORTED_DTYPES, prune_by_registers
+from kernels.triton_common import (LOG2E, autotune_configs, autotuned, check_dtype, interpreting, launch,
+                                   tile_constants, visit_tiles)
 
-LOG2E = 1.4426950408889634
 BIG = tl.constexpr(1 << 30)          # "no key": union bounds of rows with an empty range
 INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)  # test lengths (35..84) span several tiles
-
-
-def _interpreting() -> bool:
-    """True when the kernels were built for the interpreter (TRITON_INTERPRET=1 at jit time)."""
-    return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -134,28 +128,25 @@ def _col_ranges(offs_k, L, L0, FT, NF, FPB, W, SINK, IFF: tl.constexpr, TF: tl.c
 
 
 @triton.jit
-def _tile_split(x0, x1, BLOCK: tl.constexpr):
-    """Per-row ranges [x0, x1) -> tile starts: masked [t0, f0), full [f0, f1), masked [f1, t1)."""
+def _visit_range(TILE: tl.constexpr, state, args, x0, x1, VISITS, vrow, BLOCK: tl.constexpr, ROW: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, DEBUG: tl.constexpr):
+    """`visit_tiles` over one range kind [x0, x1) of a tile's rows (vectors): the union over
+    the rows with a nonempty range gives the tiles to visit, the intersection over all rows
+    the tiles every row sees whole (unmasked)."""
     nonempty = x1 > x0
-    lo_u = tl.min(tl.where(nonempty, x0, BIG), 0)
-    t1 = tl.max(tl.where(nonempty, x1, 0), 0)
-    t0 = (lo_u // BLOCK) * BLOCK
-    f0 = tl.minimum(tl.maximum(tl.cdiv(tl.max(x0, 0), BLOCK) * BLOCK, t0), t1)
-    f1 = tl.maximum(tl.minimum((tl.min(x1, 0) // BLOCK) * BLOCK, t1), f0)
-    return t0, f0, f1, t1
+    u0 = tl.min(tl.where(nonempty, x0, BIG), 0)
+    u1 = tl.max(tl.where(nonempty, x1, 0), 0)
+    return visit_tiles(TILE, state, args, x0, x1, u0, tl.max(x0, 0), tl.min(x1, 0), u1, VISITS, vrow,
+                       BLOCK, ROW, HEAD_DIM, DOT, PRECISION, DEBUG)
 
 
+# One tile of each pass, as `visit_tiles` calls it.
 @triton.jit
-def _count(VISITS, row, start, MASKED: tl.constexpr, BLOCK: tl.constexpr, DEBUG: tl.constexpr):
-    """Debug only: visits[row, tile] += 1 (masked) or 256 (fast path)."""
-    if DEBUG:
-        tl.atomic_add(VISITS + row + start // BLOCK, 1 if MASKED else 256)
-
-
-@triton.jit
-def _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
-              ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-              PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_tile(state, args, start, x0, x1, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, ROW: tl.constexpr,
+              HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key tile `start`; state (m_i, l_i, acc)."""
+    m_i, l_i, acc = state
+    q, K, V, kv, L, offs_d, qk_scale = args
     offs_n = start + tl.arange(0, BLOCK_N)
     ptrs = kv + offs_n[:, None] * ROW + offs_d[None, :]
     if MASKED:
@@ -180,30 +171,10 @@ def _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
 
 
 @triton.jit
-def _fwd_range(q, K, V, kv, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale, VISITS, vrow,
-               ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-               PRECISION: tl.constexpr, DEBUG: tl.constexpr):
-    """Online softmax over the key tiles that meet one range kind [x0, x1) of the tile's rows."""
-    t0, f0, f1, t1 = _tile_split(x0, x1, BLOCK_N)
-    for start in range(t0, f0, BLOCK_N):
-        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
-        m_i, l_i, acc = _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
-                                  ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
-    for start in range(f0, f1, BLOCK_N):
-        _count(VISITS, vrow, start, False, BLOCK_N, DEBUG)
-        m_i, l_i, acc = _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
-                                  ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, False)
-    for start in range(f1, t1, BLOCK_N):
-        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
-        m_i, l_i, acc = _fwd_tile(q, K, V, kv, start, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
-                                  ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
-             ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-             PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _dq_tile(dq, args, start, x0, x1, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, ROW: tl.constexpr,
+             HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += dS k over key tile `start`."""
+    q, do, lse, delta, K, V, kv, L, offs_d, qk_scale = args
     offs_n = start + tl.arange(0, BLOCK_N)
     ptrs = kv + offs_n[:, None] * ROW + offs_d[None, :]
     if MASKED:
@@ -221,29 +192,11 @@ def _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale
 
 
 @triton.jit
-def _dq_range(dq, q, do, lse, delta, K, V, kv, x0, x1, L, offs_d, qk_scale, VISITS, vrow,
-              ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-              PRECISION: tl.constexpr, DEBUG: tl.constexpr):
-    t0, f0, f1, t1 = _tile_split(x0, x1, BLOCK_N)
-    for start in range(t0, f0, BLOCK_N):
-        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
-                      ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
-    for start in range(f0, f1, BLOCK_N):
-        _count(VISITS, vrow, start, False, BLOCK_N, DEBUG)
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
-                      ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, False)
-    for start in range(f1, t1, BLOCK_N):
-        _count(VISITS, vrow, start, True, BLOCK_N, DEBUG)
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, kv, start, x0, x1, L, offs_d, qk_scale,
-                      ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
-    return dq
-
-
-@triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
-               ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr,
-               PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _dkdv_tile(state, args, start, x0, x1, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, ROW: tl.constexpr,
+               HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """dk += dS^T q, dv += P^T dO over query tile `start`; state (dk, dv)."""
+    dk, dv = state
+    k, v, Q, DO, LSE, DELTA, qb, stat, L, offs_d, qk_scale = args
     offs_m = start + tl.arange(0, BLOCK_M)
     ptrs = qb + offs_m[:, None] * ROW + offs_d[None, :]
     if MASKED:
@@ -266,35 +219,10 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs
     return dk, dv
 
 
-@triton.jit
-def _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, x0, x1, L, offs_d, qk_scale, VISITS, vrow,
-                ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr,
-                PRECISION: tl.constexpr, DEBUG: tl.constexpr):
-    t0, f0, f1, t1 = _tile_split(x0, x1, BLOCK_M)
-    for start in range(t0, f0, BLOCK_M):
-        _count(VISITS, vrow, start, True, BLOCK_M, DEBUG)
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
-                            ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, True)
-    for start in range(f0, f1, BLOCK_M):
-        _count(VISITS, vrow, start, False, BLOCK_M, DEBUG)
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
-                            ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, False)
-    for start in range(f1, t1, BLOCK_M):
-        _count(VISITS, vrow, start, True, BLOCK_M, DEBUG)
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, qb, stat, start, x0, x1, L, offs_d, qk_scale,
-                            ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, True)
-    return dk, dv
-
-
 # ----------------------------------------------------------------------------- autotune space
-def _configs(tiles, warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in tiles for w in warps for s in stages]
-
-
-FWD_CONFIGS = _configs([(64, 64), (128, 32), (128, 64), (128, 128)])
-DQ_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64)])
-DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (64, 128)])
+FWD_CONFIGS = autotune_configs([(64, 64), (128, 32), (128, 64), (128, 128)])
+DQ_CONFIGS = autotune_configs([(64, 32), (64, 64), (128, 32), (128, 64)])
+DKDV_CONFIGS = autotune_configs([(32, 64), (32, 128), (64, 64), (64, 128)])
 _KEY = ["L", "L0", "FT", "NF", "FPB", "W", "SINK", "HEADS", "HEAD_DIM", "IFF", "TF"]
 _NO_SPECIALIZE = ["L", "L0", "FT", "NF", "FPB", "W", "SINK"]  # a layout int of 1 stays an int
 
@@ -319,10 +247,11 @@ def _fwd_kernel(Q, K, V, O, LSE, VISITS, L, L0, FT, NF, FPB, W, SINK, qk_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     vrow = tl.program_id(0) * tl.cdiv(L, BLOCK_N)
+    args = (q, K, V, base, L, offs_d, qk_scale)
     for kind in tl.static_range(3 if TF else 2):
         x0, x1 = _row_ranges(offs_m, L, L0, FT, NF, FPB, W, SINK, IFF, TF, kind)
-        m_i, l_i, acc = _fwd_range(q, K, V, base, x0, x1, m_i, l_i, acc, L, offs_d, qk_scale,
-                                   VISITS, vrow, ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, DEBUG)
+        m_i, l_i, acc = _visit_range(_fwd_tile, (m_i, l_i, acc), args, x0, x1, VISITS, vrow,
+                                     BLOCK_N, ROW, HEAD_DIM, DOT, PRECISION, DEBUG)
     # every valid row sees at least its own key, so l_i > 0 there
     tl.store(O + base + offs_m[:, None] * ROW + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=io_mask)
@@ -352,10 +281,10 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, VISITS, L, L0, FT, NF, FPB, W
     lse = tl.load(LSE + stat + offs_m, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     vrow = tl.program_id(0) * tl.cdiv(L, BLOCK_N)
+    args = (q, do, lse, delta, K, V, base, L, offs_d, qk_scale)
     for kind in tl.static_range(3 if TF else 2):
         x0, x1 = _row_ranges(offs_m, L, L0, FT, NF, FPB, W, SINK, IFF, TF, kind)
-        dq = _dq_range(dq, q, do, lse, delta, K, V, base, x0, x1, L, offs_d, qk_scale, VISITS, vrow,
-                       ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, DEBUG)
+        dq = _visit_range(_dq_tile, dq, args, x0, x1, VISITS, vrow, BLOCK_N, ROW, HEAD_DIM, DOT, PRECISION, DEBUG)
     tl.store(DQ + ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
 
@@ -380,45 +309,31 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, VISITS, L, L0, FT, NF, FPB
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     vrow = tl.program_id(0) * tl.cdiv(L, BLOCK_M)
-    dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, base, stat, u0, u1, L, offs_d, qk_scale, VISITS, vrow,
-                         ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, DEBUG)
+    args = (k, v, Q, DO, LSE, DELTA, base, stat, L, offs_d, qk_scale)
+    dk, dv = _visit_range(_dkdv_tile, (dk, dv), args, u0, u1, VISITS, vrow, BLOCK_M, ROW, HEAD_DIM, DOT, PRECISION,
+                          DEBUG)
     if TF:
-        dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, base, stat, w0, w1, L, offs_d, qk_scale, VISITS,
-                             vrow, ROW, HEAD_DIM, BLOCK_M, DOT, PRECISION, DEBUG)
+        dk, dv = _visit_range(_dkdv_tile, (dk, dv), args, w0, w1, VISITS, vrow, BLOCK_M, ROW, HEAD_DIM, DOT,
+                              PRECISION, DEBUG)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=io_mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
-_prune_fwd = functools.partial(prune_by_registers, rows="BLOCK_M", accumulators=1, scores=1)   # acc | s
-_prune_dq = functools.partial(prune_by_registers, rows="BLOCK_M", accumulators=1, scores=2)    # dq | p, dp
-_prune_dkdv = functools.partial(prune_by_registers, rows="BLOCK_N", accumulators=2, scores=2)  # dk, dv | p, dp
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
-_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
-    _bwd_dq_kernel)
-_bwd_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})(
-    _bwd_dkdv_kernel)
+# live fp32 tiles per program: fwd acc | s; dq dq | p, dp; dkdv dk, dv | p, dp
+_fwd_tuned = autotuned(_fwd_kernel, FWD_CONFIGS, _KEY, rows="BLOCK_M", accumulators=1, scores=1)
+_bwd_dq_tuned = autotuned(_bwd_dq_kernel, DQ_CONFIGS, _KEY, rows="BLOCK_M", accumulators=1, scores=2)
+_bwd_dkdv_tuned = autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, _KEY, rows="BLOCK_N", accumulators=2, scores=2)
 
 
 # ----------------------------------------------------------------------------------- launcher
-_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
 def _launch(raw, tuned, grid, args, consts, blocks: Optional[dict] = None):
     """`tuned` with grid(meta) on a GPU; `raw` with fixed blocks (the interpreter's, or `blocks`)."""
-    if blocks is not None or _interpreting():
-        blocks = blocks or INTERPRET_BLOCKS
-        raw[grid(blocks)](*args, **consts, **blocks)
-    else:
-        tuned[grid](*args, **consts)
+    launch(raw, tuned, grid, args, consts, INTERPRET_BLOCKS, blocks)
 
 
 def _constants(q: torch.Tensor, layout: BlockCausalLayout, debug: bool) -> dict:
-    d = q.shape[-1]
-    interpret_bf16 = _interpreting() and q.dtype == torch.bfloat16  # bf16 tl.dot is broken there
-    return dict(HEADS=q.shape[2], HEAD_DIM=d, BLOCK_D=max(MIN_BLOCK_D, triton.next_power_of_2(d)),
-                IFF=layout.independent_first_frame, TF=layout.teacher_forcing,
-                DOT=tl.float32 if interpret_bf16 else _DOT_DTYPES[q.dtype],
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DEBUG=debug)
+    return dict(HEADS=q.shape[2], IFF=layout.independent_first_frame, TF=layout.teacher_forcing, DEBUG=debug,
+                **tile_constants(q.dtype, q.shape[-1], interpreting(_fwd_kernel)))
 
 
 class _BlockCausalAttention(torch.autograd.Function):
@@ -456,9 +371,7 @@ class _BlockCausalAttention(torch.autograd.Function):
 # ------------------------------------------------------------------------------- public entry
 def _check(q, k, v, layout: BlockCausalLayout) -> torch.dtype:
     dtype = v.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"block_causal_attention supports {SUPPORTED_DTYPES}, got {dtype}; "
-                        f"use block_causal_attention_ref for other dtypes")
+    check_dtype("block_causal_attention", dtype)
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must all be [B, L, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")

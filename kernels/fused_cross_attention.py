@@ -43,32 +43,20 @@ interpreter (CPU tests) bf16 `tl.dot` is broken, so bf16 operands are upcast to 
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import KVPath, multi_path_attention_ref
+from kernels.attention_types import KVPath
+from kernels.multi_path_reference import multi_path_attention_ref
+from kernels.triton_common import LOG2E, autotune_configs, autotuned, check_dtype, interpreting, launch, tile_constants
 
 MAX_PATHS = 4                        # key/value sets one launch handles (text, CLIP, VAE, fused)
-LOG2E = 1.4426950408889634           # exp(x) = exp2(x * log2(e))
-MIN_BLOCK_D = 16                     # tl.dot needs every dimension >= 16
-# Autotune prune: estimated fp32 registers of live tiles per thread. Fitted on `ptxas -v` for
-# sm_90, bf16, D=128, 3 paths: estimates <= 160 compile with at most ~90 bytes of spill, above
-# it 180 to 12000 bytes (of 255 registers, the rest hold pointers, masks and row statistics).
-REGS_PER_THREAD = 160
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Under the interpreter autotuning is slow and timings meaningless: one small config, whose
 # tiles are small enough that test lengths (37, 59, 130) span several tiles and a ragged tail.
 INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
-
-
-def _interpreting() -> bool:
-    """True when this module's kernels were built for the interpreter (TRITON_INTERPRET=1 was
-    set when triton.jit ran, which is what counts, not the variable's value now)."""
-    return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -168,29 +156,9 @@ def _dq_path(dq, q, do, K, V, kv, length, LSE, DELTA, offs_m, Lq, offs_d, qk_sca
 
 
 # ----------------------------------------------------------------------------- autotune space
-def _configs(tiles: Sequence[tuple[int, int]], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in tiles for w in warps for s in stages]
-
-
-FWD_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
-DQ_CONFIGS = _configs([(32, 64), (64, 32), (64, 64), (128, 32), (128, 64)])
-DKDV_CONFIGS = _configs([(32, 64), (64, 64), (32, 128), (64, 128), (16, 128)])
-
-
-def prune_by_registers(configs, named_args, *, rows: str, accumulators: int, scores: int, **kwargs):
-    """Drop configs whose per-thread fp32 live state would spill registers: `accumulators`
-    [rows, BLOCK_D] tiles plus `scores` [BLOCK_M, BLOCK_N] tiles over 32 * num_warps threads,
-    above REGS_PER_THREAD. (Operand tiles sit in shared memory for wgmma and do not count.)
-    Keeps the cheapest config when none fits."""
-    block_d = {**named_args, **kwargs}["BLOCK_D"]
-
-    def regs(c):
-        live = accumulators * c.kwargs[rows] * block_d + scores * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
-        return live / (32 * c.num_warps)
-
-    fit = [c for c in configs if regs(c) <= REGS_PER_THREAD]
-    return fit or [min(configs, key=regs)]
+FWD_CONFIGS = autotune_configs([(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
+DQ_CONFIGS = autotune_configs([(32, 64), (64, 32), (64, 64), (128, 32), (128, 64)])
+DKDV_CONFIGS = autotune_configs([(32, 64), (64, 64), (32, 128), (64, 128), (16, 128)])
 
 
 _KEY = ["Lq", "LK0", "LK1", "LK2", "LK3", "HEADS", "HEAD_DIM", "NUM_PATHS"]
@@ -301,23 +269,16 @@ def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, DK, DV,
     _store_rows(DV + grad_base, dv, offs_n, n_rows, offs_d, ROW, HEAD_DIM)
 
 
-_prune_fwd = functools.partial(prune_by_registers, rows="BLOCK_M", accumulators=2, scores=1)  # acc, out | s
-_prune_dq = functools.partial(prune_by_registers, rows="BLOCK_M", accumulators=2, scores=2)   # dq, O_s | p, dp
-_prune_dkdv = functools.partial(prune_by_registers, rows="BLOCK_N", accumulators=2, scores=2)  # dk, dv | p, dp
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
-_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
-    _bwd_dq_kernel)
-_bwd_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})(
-    _bwd_dkdv_kernel)
+# live fp32 tiles per program: fwd acc, out | s; dq dq, O_s | p, dp; dkdv dk, dv | p, dp
+_fwd_tuned = autotuned(_fwd_kernel, FWD_CONFIGS, _KEY, rows="BLOCK_M", accumulators=2, scores=1)
+_bwd_dq_tuned = autotuned(_bwd_dq_kernel, DQ_CONFIGS, _KEY, rows="BLOCK_M", accumulators=2, scores=2)
+_bwd_dkdv_tuned = autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, _KEY, rows="BLOCK_N", accumulators=2, scores=2)
 
 
 # ----------------------------------------------------------------------------------- launcher
 def _launch(raw, tuned, grid, args, consts):
     """Run `tuned` with grid(meta) on a GPU; `raw` with the fixed interpreter blocks on CPU."""
-    if _interpreting():
-        raw[grid(INTERPRET_BLOCKS)](*args, **consts, **INTERPRET_BLOCKS)
-    else:
-        tuned[grid](*args, **consts)
+    launch(raw, tuned, grid, args, consts, INTERPRET_BLOCKS)
 
 
 def _path_args(ks, vs, lens) -> list:
@@ -329,16 +290,10 @@ def _path_args(ks, vs, lens) -> list:
     return args
 
 
-_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
 def _constants(q: torch.Tensor, num_paths: int) -> dict:
     """Compile-time arguments shared by the three kernels."""
-    d = q.shape[-1]
-    interpret_bf16 = _interpreting() and q.dtype == torch.bfloat16  # bf16 tl.dot is broken there
-    return dict(HEADS=q.shape[2], HEAD_DIM=d, BLOCK_D=max(MIN_BLOCK_D, triton.next_power_of_2(d)),
-                NUM_PATHS=num_paths, DOT=tl.float32 if interpret_bf16 else _DOT_DTYPES[q.dtype],
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return dict(HEADS=q.shape[2], NUM_PATHS=num_paths,
+                **tile_constants(q.dtype, q.shape[-1], interpreting(_fwd_kernel)))
 
 
 class _FusedCrossAttention(torch.autograd.Function):
@@ -398,9 +353,7 @@ def fused_cross_attention(q: torch.Tensor, paths: Sequence[KVPath]) -> torch.Ten
     if not 1 <= len(paths) <= MAX_PATHS:
         raise ValueError(f"fused_cross_attention takes 1..{MAX_PATHS} paths, got {len(paths)}")
     dtype = paths[0].v.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"fused_cross_attention supports {SUPPORTED_DTYPES}, got {dtype}; "
-                        f"use fused_cross_attention_ref for other dtypes")
+    check_dtype("fused_cross_attention", dtype)
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Lq, N, D], got shape {tuple(q.shape)}")
     b, _, n, d = q.shape

@@ -22,28 +22,25 @@ by key index. A sample with no visible key gets a zero output.
 """
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.fused_cross_attention import MIN_BLOCK_D, SUPPORTED_DTYPES, prune_by_registers
+from kernels.attention_types import Lengths, per_sample, visible_slots
+from kernels.triton_common import (LOG2E, autotune_configs, autotuned, check_dtype, interpreting, launch,
+                                   tile_constants, visit_tiles)
 
-LOG2E = 1.4426950408889634
 INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
-Lengths = Union[int, torch.Tensor]  # a Python int for every sample, or a [B] int tensor
-
-
-def _interpreting() -> bool:
-    return not isinstance(_kv_fwd_kernel, triton.runtime.JITFunction)
 
 
 # ------------------------------------------------------------------------------------ helpers
 @triton.jit
-def _kv_tile(q, K, V, kv, start, lo, hi, m_i, l_i, acc, offs_d, qk_scale,
-             ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-             PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _kv_tile(state, args, start, lo, hi, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, ROW: tl.constexpr,
+             HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over cache tile `start` of the key range [lo, hi); state (m_i, l_i, acc).
+    Called by `visit_tiles`: masked edge tiles, unmasked tiles inside the range."""
+    m_i, l_i, acc = state
+    q, K, V, kv, offs_d, qk_scale = args
     offs_n = start + tl.arange(0, BLOCK_N)
     ptrs = kv + offs_n[:, None] * ROW + offs_d[None, :]
     if MASKED:
@@ -65,33 +62,8 @@ def _kv_tile(q, K, V, kv, start, lo, hi, m_i, l_i, acc, offs_d, qk_scale,
     return m_new, l_i, acc
 
 
-@triton.jit
-def _kv_range(q, K, V, kv, lo, hi, m_i, l_i, acc, offs_d, qk_scale,
-              ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Keys [lo, hi) of the cache: masked first tile, unmasked middle, masked last tile."""
-    t0 = (lo // BLOCK_N) * BLOCK_N
-    f0 = tl.minimum(tl.cdiv(lo, BLOCK_N) * BLOCK_N, hi)
-    f1 = tl.maximum((hi // BLOCK_N) * BLOCK_N, f0)
-    for start in range(t0, f0, BLOCK_N):
-        m_i, l_i, acc = _kv_tile(q, K, V, kv, start, lo, hi, m_i, l_i, acc, offs_d, qk_scale,
-                                 ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
-    for start in range(f0, f1, BLOCK_N):
-        m_i, l_i, acc = _kv_tile(q, K, V, kv, start, lo, hi, m_i, l_i, acc, offs_d, qk_scale,
-                                 ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, False)
-    for start in range(f1, hi, BLOCK_N):
-        m_i, l_i, acc = _kv_tile(q, K, V, kv, start, lo, hi, m_i, l_i, acc, offs_d, qk_scale,
-                                 ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION, True)
-    return m_i, l_i, acc
-
-
 # ----------------------------------------------------------------------------- autotune space
-KV_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-              for bm, bn in [(64, 64), (128, 32), (128, 64), (128, 128)] for w in (4, 8) for s in (2, 3)]
-
-
-def _prune_kv(configs, named_args, **kwargs):
-    return prune_by_registers(configs, named_args, rows="BLOCK_M", accumulators=1, scores=1, **kwargs)
+KV_CONFIGS = autotune_configs([(64, 64), (128, 32), (128, 64), (128, 128)])
 
 
 # ------------------------------------------------------------------------------------- kernel
@@ -118,31 +90,23 @@ def _kv_fwd_kernel(Q, KC, VC, O, SINK, WSTART, WLEN, Lq, C, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _kv_range(q, KC, VC, kv, sink * 0, sink + wrap, m_i, l_i, acc, offs_d, qk_scale,
-                              ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION)
-    m_i, l_i, acc = _kv_range(q, KC, VC, kv, tl.where(length > 0, start, 0), tl.where(length > 0, first_end, 0),
-                              m_i, l_i, acc, offs_d, qk_scale, ROW, HEAD_DIM, BLOCK_N, DOT, PRECISION)
+    args = (q, KC, VC, kv, offs_d, qk_scale)
+    # every query sees the same keys, so a range's union and intersection are the range itself
+    lo, hi = sink * 0, sink + wrap
+    m_i, l_i, acc = visit_tiles(_kv_tile, (m_i, l_i, acc), args, lo, hi, lo, lo, hi, hi, 0, 0,
+                                BLOCK_N, ROW, HEAD_DIM, DOT, PRECISION, False)
+    lo, hi = tl.where(length > 0, start, 0), tl.where(length > 0, first_end, 0)
+    m_i, l_i, acc = visit_tiles(_kv_tile, (m_i, l_i, acc), args, lo, hi, lo, lo, hi, hi, 0, 0,
+                                BLOCK_N, ROW, HEAD_DIM, DOT, PRECISION, False)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + q_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
 
 
-_kv_fwd_tuned = triton.autotune(KV_CONFIGS, key=["Lq", "C", "HEADS", "HEAD_DIM"],
-                                prune_configs_by={"early_config_prune": _prune_kv})(_kv_fwd_kernel)
+_kv_fwd_tuned = autotuned(_kv_fwd_kernel, KV_CONFIGS, ["Lq", "C", "HEADS", "HEAD_DIM"],
+                          rows="BLOCK_M", accumulators=1, scores=1)  # acc | s
 
 
 # ------------------------------------------------------------------------------- public entry
-_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _per_sample(x: Lengths, b: int, device, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x, device=device, dtype=torch.int32)
-    if t.dim() == 0:
-        return t.expand(b).contiguous()
-    if t.shape != (b,):
-        raise ValueError(f"{name} must be an int or a [B={b}] tensor, got shape {tuple(t.shape)}")
-    return t.contiguous()
-
-
 def _check_ranges(sink: torch.Tensor, start: torch.Tensor, length: torch.Tensor, c: int) -> None:
     """0 <= S <= C, 0 <= window_len <= C - S, S <= window_start < C where window_len > 0."""
     bad = (sink < 0) | (sink > c) | (length < 0) | (length > c - sink) | \
@@ -164,8 +128,7 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     check: validate the ranges (free for ints; a device sync when they are GPU tensors).
     """
     dtype = v_cache.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"kv_cache_attention supports {SUPPORTED_DTYPES}, got {dtype}; use kv_cache_attention_ref")
+    check_dtype("kv_cache_attention", dtype)
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or \
             (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
         raise ValueError(f"q must be [B, Lq, N, D] and k_cache, v_cache [B, C, N, D]; got {tuple(q.shape)}, "
@@ -176,29 +139,17 @@ def kv_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     c = k_cache.shape[1]
     named = ((sink_len, "sink_len"), (window_start, "window_start"), (window_len, "window_len"))
     if check:  # on host copies: ints cost no device sync, GPU tensors one
-        _check_ranges(*(_per_sample(x, b, "cpu", name) for x, name in named), c)
-    sink, start, length = (_per_sample(x, b, q.device, name) for x, name in named)
+        _check_ranges(*(per_sample(x, b, "cpu", name) for x, name in named), c)
+    sink, start, length = (per_sample(x, b, q.device, name) for x, name in named)
     out = torch.empty(b, lq, n, d, device=q.device, dtype=dtype)
     if out.numel() == 0:
         return out
     q, k_cache, v_cache = q.to(dtype).contiguous(), k_cache.contiguous(), v_cache.contiguous()
-    interpret_bf16 = _interpreting() and dtype == torch.bfloat16  # bf16 tl.dot is broken there
-    consts = dict(HEADS=n, HEAD_DIM=d, BLOCK_D=max(MIN_BLOCK_D, triton.next_power_of_2(d)),
-                  DOT=tl.float32 if interpret_bf16 else _DOT_DTYPES[dtype],
-                  PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    consts = dict(HEADS=n, **tile_constants(dtype, d, interpreting(_kv_fwd_kernel)))
     args = [q, k_cache, v_cache, out, sink, start, length, lq, c, d ** -0.5 * LOG2E]
-    if _interpreting():
-        _kv_fwd_kernel[(triton.cdiv(lq, INTERPRET_BLOCKS["BLOCK_M"]), b * n)](*args, **consts, **INTERPRET_BLOCKS)
-    else:
-        _kv_fwd_tuned[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * n)](*args, **consts)
+    launch(_kv_fwd_kernel, _kv_fwd_tuned, lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * n), args, consts,
+           INTERPRET_BLOCKS)
     return out
-
-
-def visible_slots(c: int, sink_len: int, window_start: int, window_len: int) -> torch.Tensor:
-    """Cache slot indices sample b attends to, in window order: sink, then the ring window."""
-    ring = c - sink_len
-    window = [sink_len + (window_start - sink_len + i) % ring for i in range(window_len)] if ring else []
-    return torch.tensor(list(range(sink_len)) + window, dtype=torch.long)
 
 
 def kv_cache_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sink_len: Lengths,
@@ -206,7 +157,7 @@ def kv_cache_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Plain PyTorch: per sample, gather (concatenate) the visible keys, explicit softmax; any
     dtype (float64 in tests), differentiable. Shapes as `kv_cache_attention`; returns q's dtype."""
     b, c = q.shape[0], k_cache.shape[1]
-    per = [_per_sample(x, b, "cpu", "len").tolist() for x in (sink_len, window_start, window_len)]
+    per = [per_sample(x, b, "cpu", "len").tolist() for x in (sink_len, window_start, window_len)]
     outs = []
     for i, (s, ws, wl) in enumerate(zip(*per)):
         idx = visible_slots(c, s, ws, wl).to(q.device)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from kernels.bench.harness import SDPA_BACKENDS, Case, Row, measure
+from kernels.block_causal_layout import BlockCausalLayout, block_causal_mask, flex_mask_mod
 
 KERNEL = "block_causal_attention"
 OURS = "triton-block-causal"
@@ -44,7 +45,7 @@ class Shape:
     batch: int
     heads: int
     head_dim: int
-    layout: object              # BlockCausalLayout (imported lazily: it imports triton)
+    layout: BlockCausalLayout   # torch-only: importing it loads no Triton
     dtype: torch.dtype
     name: str
 
@@ -54,8 +55,7 @@ class Shape:
 
 
 def _shapes(name: str) -> list[Shape]:
-    from kernels.block_causal_layout import BlockCausalLayout as L_  # noqa: PLC0415
-
+    L_ = BlockCausalLayout
     if name == "tiny":
         return [Shape(1, 2, 32, L_(7, 6, 2), torch.float32, "blk2"),
                 Shape(1, 2, 32, L_(5, 6, 2, True, local_frames=2, sink_frames=1, teacher_forcing=True),
@@ -104,8 +104,6 @@ def _per_block(layout) -> Callable:
 def _flex(layout, device) -> Callable:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
 
-    from kernels.block_causal_layout import flex_mask_mod  # noqa: PLC0415
-
     block_mask = create_block_mask(flex_mask_mod(layout, device), None, None, layout.seq_len, layout.seq_len,
                                    device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
@@ -117,8 +115,7 @@ def _flex(layout, device) -> Callable:
 
 
 def _providers(s: Shape, device: torch.device, shapes: str) -> dict[str, tuple[Callable, bool]]:
-    from kernels.block_causal_attention import block_causal_attention
-    from kernels.block_causal_layout import block_causal_mask
+    from kernels.block_causal_attention import block_causal_attention  # noqa: PLC0415  (imports triton)
 
     found: dict[str, tuple[Callable, bool]] = {}
     if device.type == "cuda" or shapes == "tiny":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.attention import KVPath
+from kernels.attention_types import KVPath
 from kernels.bench.harness import SDPA_BACKENDS, Case, Row, measure
 
 KERNEL = "fused_cross_attention"

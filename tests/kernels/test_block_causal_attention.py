@@ -10,15 +10,10 @@ import torch.nn.functional as F
 
 from kernels.block_causal_attention import block_causal_attention, self_attention, tile_visits
 from kernels.block_causal_layout import BlockCausalLayout, block_causal_attention_ref, block_causal_mask
+from tests.kernels.tolerance import FP32_REL, assert_fp32_close, assert_ratio_rule, max_error
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-# ---- tolerances, all in one place ---------------------------------------------------------
-FP32_REL = 1e-4                     # fp32 kernel vs float64: max error / max(|ref|, 1)
-# fp16/bf16 (flash-attention's rule): error vs float64 <= ratio x (error of the plain PyTorch
-# reference in the same low precision) + LOW_PRECISION_ATOL.
-FWD_RATIO, BWD_RATIO, LOW_PRECISION_ATOL = 2.0, 3.0, 1e-5
 
 L_ = BlockCausalLayout
 LAYOUTS = [
@@ -43,10 +38,6 @@ def _run(fn, q, k, v, do, layout, dtype, device=DEVICE):
     return [out, *torch.autograd.grad(out, leaves, do.to(device, out.dtype))]
 
 
-def _err(a, b):
-    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
-
-
 def _compare(layout, d, dtype, device=DEVICE):
     q, k, v, do = _inputs(layout, d)
     ref = _run(block_causal_attention_ref, q, k, v, do, layout, torch.float64, "cpu")
@@ -55,13 +46,11 @@ def _compare(layout, d, dtype, device=DEVICE):
     names = ("out", "dq", "dk", "dv")
     if dtype == torch.float32:
         for o, r, name in zip(ours, ref, names):
-            bound = FP32_REL * max(r.abs().max().item(), 1.0)
-            assert _err(o, r) <= bound, f"{name}: {_err(o, r):.3g} > {bound:.3g}"
+            assert_fp32_close(o, r, name)
         return
     low = _run(block_causal_attention_ref, q, k, v, do, layout, dtype, device)
     for i, (o, lo, r, name) in enumerate(zip(ours, low, ref, names)):
-        bound = (FWD_RATIO if i == 0 else BWD_RATIO) * _err(lo, r) + LOW_PRECISION_ATOL
-        assert _err(o, r) <= bound, f"{name}: {_err(o, r):.3g} > {bound:.3g}"
+        assert_ratio_rule(o, lo, r, i > 0, name)
 
 
 # ---- the mask rule -----------------------------------------------------------------------
@@ -154,10 +143,10 @@ def test_full_attention_entry_point_and_sdpa_with_the_mask():
     qf, kf, vf = (t.float().to(DEVICE) for t in (q, k, v))
     with torch.no_grad():
         full = self_attention(qf, kf, vf)  # no layout: one block over all tokens
-        assert _err(full, block_causal_attention_ref(q, k, v)) <= FP32_REL
+        assert max_error(full, block_causal_attention_ref(q, k, v)) <= FP32_REL
         sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               attn_mask=block_causal_mask(layout)).transpose(1, 2)
-        assert _err(self_attention(qf, kf, vf, layout), sdpa) <= FP32_REL
+        assert max_error(self_attention(qf, kf, vf, layout), sdpa) <= FP32_REL
 
 
 # ---- tile skipping -----------------------------------------------------------------------

@@ -6,14 +6,11 @@ edges are deliberately not multiples of 16. GPU cases skip without CUDA.
 import pytest
 import torch
 
-from kernels.kv_cache_attention import kv_cache_attention, kv_cache_attention_ref, visible_slots
+from kernels.kv_cache_attention import kv_cache_attention, kv_cache_attention_ref
+from tests.kernels.tolerance import FP32_REL, assert_fp32_close, assert_ratio_rule, max_error
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-# ---- tolerances, all in one place ---------------------------------------------------------
-FP32_REL = 1e-4                     # fp32 kernel vs float64: max error / max(|ref|, 1)
-FWD_RATIO, LOW_PRECISION_ATOL = 2.0, 1e-5  # fp16/bf16: <= ratio x plain PyTorch's error + atol
 
 B, N = 2, 2
 
@@ -23,27 +20,16 @@ def _inputs(lq, c, d, seed=0):
     return [torch.randn(B, n, N, d, generator=g, dtype=torch.float64) for n in (lq, c, c)]
 
 
-def _err(a, b):
-    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
-
-
 def _compare(q, k, v, sink, start, length, dtype=torch.float32, device=DEVICE):
     ref = kv_cache_attention_ref(q, k, v, sink, start, length)
     cast = [t.to(device, dtype) for t in (q, k, v)]
     out = kv_cache_attention(*cast, sink, start, length)
     assert out.dtype == dtype and out.shape == q.shape
     if dtype == torch.float32:
-        bound = FP32_REL * max(ref.abs().max().item(), 1.0)
+        assert_fp32_close(out, ref, "out")
     else:
-        bound = FWD_RATIO * _err(kv_cache_attention_ref(*cast, sink, start, length), ref) + LOW_PRECISION_ATOL
-    assert _err(out, ref) <= bound, f"error {_err(out, ref):.3g} > {bound:.3g}"
+        assert_ratio_rule(out, kv_cache_attention_ref(*cast, sink, start, length), ref, False, "out")
     return out
-
-
-def test_visible_slots_wrap_around_the_ring():
-    # cache of 10: sink [0, 3), ring [3, 10); window of 5 from slot 8 wraps: 8, 9, 3, 4, 5
-    assert visible_slots(10, 3, 8, 5).tolist() == [0, 1, 2, 8, 9, 3, 4, 5]
-    assert visible_slots(10, 0, 4, 10).tolist() == [4, 5, 6, 7, 8, 9, 0, 1, 2, 3]
 
 
 CASES = [  # Lq, C, D, sink_len, window_start, window_len
@@ -77,7 +63,7 @@ def test_wrapped_window_equals_the_unwrapped_rotated_cache():
     rot = [torch.cat([t[:, :sink], torch.roll(t[:, sink:], -shift, dims=1)], 1) for t in (k, v)]
     wrapped = kv_cache_attention(q, k, v, sink, start, length)
     unwrapped = kv_cache_attention(q, *rot, sink, sink, length)
-    assert _err(wrapped, unwrapped) <= FP32_REL
+    assert max_error(wrapped, unwrapped) <= FP32_REL
     assert torch.equal(rot[0][:, sink:sink + ring - shift], k[:, start:])  # the rotation is right
 
 

@@ -14,10 +14,9 @@ from kernels import qk_norm_rope as qnr
 from kernels.bench.qk_norm_rope import official_freqs, official_rope_apply
 from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from model.layers import WanRMSNorm, rope_apply, rope_table
+from tests.kernels.tolerance import FP32_ELEMENTWISE, FP64_EXACT, FP64_GRADS, assert_ratio_rule, max_error
 
 EPS = 1e-6
-FP64 = dict(rtol=1e-12, atol=1e-12)
-FWD_RATIO, BWD_RATIO, SLACK = 2.0, 3.0, 1e-5
 # (head dim, heads, grid, padding tokens past the table): Wan's 128 (22/21/21 pairs), a tiny 32
 # (6/5/5) and 10 (3/1/1 pairs)
 CASES = [(128, 2, (2, 3, 4), 5), (32, 3, (3, 2, 5), 0), (10, 4, (2, 3, 3), 2)]
@@ -58,10 +57,6 @@ def _grads(out, inputs, seed=1):
     return torch.autograd.grad(out, inputs, g)
 
 
-def _err(a, b):
-    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
-
-
 # ---- float64 parity with the official formulation ------------------------------------------------------
 @pytest.mark.parametrize("head_dim,heads,grid,pad", CASES)
 def test_forward_and_grads_match_official_in_float64(ext, head_dim, heads, grid, pad):
@@ -69,9 +64,9 @@ def test_forward_and_grads_match_official_in_float64(ext, head_dim, heads, grid,
     ours = qk_norm_rope(x, weight, cos, sin, heads, EPS)
     want = official(x, weight, grid, heads)
     assert ours.shape == (2, x.shape[1], heads, head_dim) and ours.dtype == torch.float64
-    torch.testing.assert_close(ours, want, **FP64)
+    torch.testing.assert_close(ours, want, **FP64_EXACT)
     for got, expected in zip(_grads(ours, (x, weight)), _grads(want, (x, weight))):
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got, expected, **FP64_GRADS)
 
 
 def test_gradcheck_float64(ext):
@@ -82,7 +77,7 @@ def test_gradcheck_float64(ext):
 def test_raw_op_returns_rstd(ext):
     x, weight, cos, sin = _inputs(32, 3, (3, 2, 5), 0)
     out, rstd = ext.qk_norm_rope_forward(x.detach(), weight.detach(), cos, sin, 3, EPS)
-    torch.testing.assert_close(rstd, torch.rsqrt(x.detach().pow(2).mean(-1) + EPS), **FP64)
+    torch.testing.assert_close(rstd, torch.rsqrt(x.detach().pow(2).mean(-1) + EPS), **FP64_EXACT)
     grad_x, grad_weight = ext.qk_norm_rope_backward(torch.ones_like(out), x.detach(), weight.detach(), cos, sin,
                                                     rstd, 3, False)
     assert grad_x.shape == x.shape and grad_weight is None
@@ -108,10 +103,10 @@ def test_low_precision_error_ratio(ext, dtype, head_dim, heads, grid, pad):
     ours = qk_norm_rope(x, weight, cos, sin, heads, EPS)
     ref = qk_norm_rope_ref(x, weight, cos, sin, heads, EPS)
     assert ours.dtype == ref.dtype == torch.float32
-    assert _err(ours, truth) <= FWD_RATIO * _err(ref, truth) + SLACK
+    assert_ratio_rule(ours, ref, truth, False, "out")
     for got, plain, true in zip(_grads(ours, (x, weight)), _grads(ref, (x, weight)), _grads(truth, (x64, w64))):
         assert got.dtype == dtype
-        assert _err(got, true) <= BWD_RATIO * _err(plain, true) + SLACK
+        assert_ratio_rule(got, plain, true, True, "grad")
 
 
 def test_tokens_past_the_table_pass_through(ext):
@@ -119,12 +114,12 @@ def test_tokens_past_the_table_pass_through(ext):
     x, weight = x.detach(), weight.detach()
     out = qk_norm_rope(x, weight, cos, sin, 3, EPS)
     normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * weight).unflatten(-1, (3, -1))
-    torch.testing.assert_close(out[:, 6:], normed[:, 6:], **FP64)
-    assert _err(out[:, 1:6], normed[:, 1:6]) > 1e-3  # token 0 has angle 0; the others rotate
-    torch.testing.assert_close(qk_norm_rope(x, weight, cos[:0], sin[:0], 3, EPS), normed, **FP64)
+    torch.testing.assert_close(out[:, 6:], normed[:, 6:], **FP64_EXACT)
+    assert max_error(out[:, 1:6], normed[:, 1:6]) > 1e-3  # token 0 has angle 0; the others rotate
+    torch.testing.assert_close(qk_norm_rope(x, weight, cos[:0], sin[:0], 3, EPS), normed, **FP64_EXACT)
     longer = rope_table(32, (2, 2, 3))  # a table longer than the sequence: its first L rows count
     torch.testing.assert_close(qk_norm_rope(x, weight, *longer, 3, EPS),
-                               qk_norm_rope_ref(x, weight, *(t[:10] for t in longer), 3, EPS), **FP64)
+                               qk_norm_rope_ref(x, weight, *(t[:10] for t in longer), 3, EPS), **FP64_EXACT)
 
 
 def test_strided_input_and_misaligned_weight(ext):
@@ -136,7 +131,7 @@ def test_strided_input_and_misaligned_weight(ext):
     weight = flat[1:]  # a parameter inside a flat buffer, at an odd offset
     cos, sin = rope_table(head_dim, (1, 3, 3))
     torch.testing.assert_close(qk_norm_rope(x, weight, cos, sin, heads, EPS),
-                               qk_norm_rope_ref(x, weight, cos, sin, heads, EPS), rtol=1e-5, atol=1e-5)
+                               qk_norm_rope_ref(x, weight, cos, sin, heads, EPS), **FP32_ELEMENTWISE)
 
 
 def test_frozen_weight_gets_no_grad(ext):
@@ -144,7 +139,7 @@ def test_frozen_weight_gets_no_grad(ext):
     weight.requires_grad_(False)
     qk_norm_rope(x, weight, cos, sin, 4, EPS).sum().backward()
     want, = torch.autograd.grad(qk_norm_rope_ref(x, weight, cos, sin, 4, EPS).sum(), x)
-    torch.testing.assert_close(x.grad, want, **FP64)
+    torch.testing.assert_close(x.grad, want, **FP64_EXACT)
     assert weight.grad is None
 
 
@@ -188,6 +183,6 @@ def test_cuda_matches_float64_truth(ext, dtype, head_dim, heads, grid, pad):
     xc, wc = (t.detach().cuda().requires_grad_() for t in (x, weight))
     ours = qk_norm_rope(xc, wc, cos.cuda(), sin.cuda(), heads, EPS)
     ref = qk_norm_rope_ref(xc, wc, cos.cuda(), sin.cuda(), heads, EPS)
-    assert _err(ours, truth) <= FWD_RATIO * _err(ref, truth) + SLACK
+    assert_ratio_rule(ours, ref, truth, False, "out")
     for got, plain, true in zip(_grads(ours, (xc, wc)), _grads(ref, (xc, wc)), _grads(truth, (x64, w64))):
-        assert _err(got, true) <= BWD_RATIO * _err(plain, true) + SLACK
+        assert_ratio_rule(got, plain, true, True, "grad")
