@@ -164,12 +164,16 @@ CLEAN = dict(
     multi_path_reference="from kernels.attention_types import KVPath\n",
     block_causal_layout="import torch\n",
     triton_common="import triton\n",
-    fused_cross_attention="import triton\nfrom kernels.triton_common import LOG2E\nfrom .attention_types import KVPath\n",
+    fused_cross_attention=("import triton\nfrom kernels.triton_common import LOG2E\n"
+                           "from .attention_types import KVPath\n"),  # relative imports resolve too
 )
 
 
 def test_checker_accepts_a_clean_graph():
-    assert violations(_graph(**CLEAN)) == []
+    graph = _graph(**CLEAN)
+    assert violations(graph) == []
+    assert graph["kernels.fused_cross_attention"].top == {"triton", SHARED, "kernels.attention_types"}
+    assert graph["kernels.attention"].lazy == {"kernels.fused_cross_attention"}
 
 
 @pytest.mark.parametrize("module,source,expect", [
