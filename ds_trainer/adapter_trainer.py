@@ -87,7 +87,10 @@ class AdapterTrainer(Trainer):
     @classmethod
     def compatibility_fields(cls, cfg: TrainConfig) -> dict[str, Any]:
         import dataclasses  # noqa: PLC0415
-        return {"model": cfg.wan_config().to_dict(),
+        model = cfg.wan_config().to_dict()
+        for same_numbers in ("attn_backend", "fused_qk_norm_rope"):  # change no result: a resume may switch them
+            model.pop(same_numbers)
+        return {"model": model,
                 "adapter": dataclasses.asdict(cfg.adapter) if cfg.adapter else None,
                 "train_fused_path": cfg.train_fused_path, "train_clip_path": cfg.train_clip_path,
                 "num_training_frames": cfg.num_training_frames, "height": cfg.height, "width": cfg.width}

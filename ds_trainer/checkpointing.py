@@ -6,13 +6,18 @@
 - `rng_rank<r>.pt` per rank;
 - the job's own exports (the adapters' `model.pt`, `adapter.safetensors`, `lora/`), written by
   the `write_exports` callback it passes;
-- `meta.json`: step, the job's compatibility key, file sizes, `"complete": true`.
+- `meta.json`: step, the job's compatibility key, the world size and ZeRO stage, the size and
+  SHA-256 of every file, `"complete": true`.
 
 Everything is written into `.<name>.tmp` and renamed when all ranks are done, so a crash never
-leaves a checkpoint that looks complete.
+leaves a checkpoint that looks complete. Before a resume every file is checked against its
+recorded size and hash (a truncated or same-size corrupted shard falls back to the previous
+checkpoint, naming the file), and DeepSpeed's own state files are read with
+`torch.load(weights_only=True)` (`WeightsOnlyCheckpointEngine`): nothing in a checkpoint runs code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +41,18 @@ ExportCheck = Callable[[Path], Optional[str]]
 
 class IncompatibleCheckpoint(RuntimeError):
     """A checkpoint in the log dir was made by a different job or an incompatible config."""
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """The log dir holds checkpoints of this job, and every one of them is damaged."""
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def checkpoint_dir(logdir: Path, prefix: str, step: int) -> Path:
@@ -103,8 +120,9 @@ def save_checkpoint(logdir: Path, prefix: str, step: int, engines: Mapping[str, 
     write_exports(tmp)
     barrier()
     if process_rank() == 0:
-        sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": sizes, "complete": True,
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files, "complete": True,
                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
@@ -125,20 +143,36 @@ def list_checkpoints(logdir: Path, prefix: str) -> list[Path]:
 
 
 def verify(ckpt: Path, check_exports: Optional[ExportCheck] = None) -> Optional[str]:
-    """None if the checkpoint is complete, every file has its recorded size and the job's
-    `check_exports(ckpt)` finds nothing wrong; else why not."""
+    """None if the checkpoint is complete, every file it lists lies inside it with its recorded
+    size and SHA-256, and the job's `check_exports(ckpt)` finds nothing wrong; else why not
+    (naming the file)."""
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         return f"meta.json unreadable ({exc})"
-    if not meta.get("complete"):
+    if not isinstance(meta, dict) or meta.get("complete") is not True:
         return "not marked complete"
-    for rel, size in meta.get("files", {}).items():
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return "meta.json lists no files"
+    root = ckpt.resolve()
+    for rel, record in files.items():
+        if not (isinstance(record, dict) and isinstance(record.get("size"), int)
+                and isinstance(record.get("sha256"), str)):
+            return f"meta.json has no size and content hash for {rel} (written by an older wanspeed?)"
         path = ckpt / rel
+        if not path.resolve().is_relative_to(root) or path.is_symlink():
+            return f"{rel} points outside the checkpoint"
         if not path.is_file():
             return f"{rel} is missing"
-        if path.stat().st_size != size:
-            return f"{rel} has {path.stat().st_size} bytes, {size} were written"
+        if path.stat().st_size != record["size"]:
+            return f"{rel} has {path.stat().st_size} bytes, {record['size']} were written"
+        if file_digest(path) != record["sha256"]:
+            return f"{rel} was changed after it was written (content hash differs)"
+    listed = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"meta.json"}
+    extra = sorted(listed - set(files))
+    if extra:
+        return f"{extra[0]} is not one of the files written" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     return check_exports(ckpt) if check_exports else None
 
 
@@ -153,14 +187,20 @@ def describe_difference(theirs: dict, ours: dict, prefix: str = "") -> list[str]
     return diffs
 
 
-def find_resumable(logdir: Path, prefix: str, compat: dict[str, Any],
+def find_resumable(logdir: Path, prefix: str, compat: dict[str, Any], layout: Optional[dict[str, Any]] = None,
                    check_exports: Optional[ExportCheck] = None) -> Optional[Path]:
-    """The newest complete checkpoint in `logdir`; broken ones are skipped with a warning;
-    one from another job or config raises IncompatibleCheckpoint saying what differs."""
+    """The newest intact checkpoint in `logdir`, or None when there is none at all.
+
+    Damaged ones are skipped with a warning naming the file; when every checkpoint is damaged,
+    NoUsableCheckpoint (a silent restart from step 0 would later prune them). One from another
+    job or config, or (with `layout`) from another world size or ZeRO stage, raises
+    IncompatibleCheckpoint saying what differs and what to do."""
+    problems = []
     for ckpt in reversed(list_checkpoints(logdir, prefix)):
         problem = verify(ckpt, check_exports)
         if problem:
             log.warning("checkpoint %s is incomplete or damaged (%s); trying the previous one", ckpt.name, problem)
+            problems.append(f"{ckpt.name}: {problem}")
             continue
         meta = json.loads((ckpt / "meta.json").read_text())
         diffs = describe_difference(json.loads(json.dumps(meta.get("compat", {}), default=str)),
@@ -169,7 +209,19 @@ def find_resumable(logdir: Path, prefix: str, compat: dict[str, Any],
             raise IncompatibleCheckpoint(
                 f"{ckpt} was written by a different job or config; refusing to resume from it "
                 f"(use another --logdir or --no-auto-resume). Differences: " + "; ".join(diffs[:6]))
+        theirs = {k: meta.get(k) for k in (layout or {})}
+        if theirs != (layout or {}):
+            raise IncompatibleCheckpoint(
+                f"{ckpt} was written with " + ", ".join(f"{k}={v}" for k, v in theirs.items())
+                + "; this run has " + ", ".join(f"{k}={v}" for k, v in layout.items())
+                + ". DeepSpeed's optimizer state is partitioned by both and cannot be loaded across them: "
+                "resume with the same number of ranks and the same --zero, or start a new run in another "
+                "--logdir (the trained weights are in the checkpoint's exports).")
         return ckpt
+    if problems:
+        raise NoUsableCheckpoint(f"every checkpoint in {logdir} is damaged, so the run will not restart from "
+                                 f"step 0 over them: " + "; ".join(problems)
+                                 + ". Move them away (or use another --logdir) to start fresh.")
     return None
 
 

@@ -15,6 +15,8 @@ import deepspeed
 import torch
 import torch.nn as nn
 
+from ds_trainer.safe_checkpoint_engine import use_weights_only_loading
+
 
 def param_shape(p: torch.Tensor) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape in ds_shape
@@ -27,7 +29,8 @@ def warmup_lambda(warmup_steps: int):
 def build_engine(module: nn.Module, ds_config: dict, lr: Optional[float] = None, weight_decay: float = 0.0,
                  warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999)):
     """A DeepSpeed engine for one role. With `lr`, an AdamW over the trainable parameters only
-    (and a linear warm-up); without, a frozen engine (no optimizer)."""
+    (and a linear warm-up), whose checkpoints load with weights_only; without, a frozen engine
+    (no optimizer, never checkpointed)."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     if lr is None:
         engine, *_ = deepspeed.initialize(model=module, config=ds_config)
@@ -38,6 +41,7 @@ def build_engine(module: nn.Module, ds_config: dict, lr: Optional[float] = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=trainable, config=ds_config)
+    use_weights_only_loading(engine)  # resuming must not run pickled code
     return engine
 
 

@@ -123,20 +123,27 @@ class Trainer:
         return ckpt.list_checkpoints(logdir, cls.checkpoint_prefix)
 
     @classmethod
-    def find_resumable(cls, logdir: Path, cfg: RunConfig) -> Optional[Path]:
-        """The newest complete checkpoint of this job and config in `logdir` (see checkpointing)."""
-        return ckpt.find_resumable(logdir, cls.checkpoint_prefix, cls.compatibility_key(cfg), cls.check_exports)
+    def find_resumable(cls, logdir: Path, cfg: RunConfig, layout: Optional[dict[str, Any]] = None) -> Optional[Path]:
+        """The newest intact checkpoint of this job and config in `logdir` (see checkpointing);
+        `layout` (world_size, zero_stage) must match too when given."""
+        return ckpt.find_resumable(logdir, cls.checkpoint_prefix, cls.compatibility_key(cfg), layout,
+                                   cls.check_exports)
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """How the DeepSpeed state is partitioned: a resume must match it."""
+        return {"world_size": self.world, "zero_stage": self.stage}
 
     def resume(self) -> None:
         found, error = None, None
         if self.rank == 0:
             try:
-                found = self.find_resumable(self.logdir, self.cfg)
-            except ckpt.IncompatibleCheckpoint as exc:
-                error = str(exc)
+                found = self.find_resumable(self.logdir, self.cfg, self.layout)
+            except (ckpt.IncompatibleCheckpoint, ckpt.NoUsableCheckpoint) as exc:
+                error = (type(exc).__name__, str(exc))
         found, error = broadcast_object((str(found) if found else None, error))
         if error:
-            raise ckpt.IncompatibleCheckpoint(error)
+            raise getattr(ckpt, error[0])(error[1])  # on every rank: none is left waiting
         if found is None:
             return
         client = ckpt.load_checkpoint(self.engines, Path(found))
@@ -147,7 +154,7 @@ class Trainer:
 
     def save(self) -> Path:
         meta = {"compat": self.compatibility_key(self.cfg), "fingerprint": self.fingerprint(self.cfg),
-                "world_size": self.world}
+                **self.layout}
         client = {"step": self.step, "sampler": self.sampler.state_dict(), "totals": dict(self.totals)}
         return ckpt.save_checkpoint(self.logdir, self.checkpoint_prefix, self.step, self.engines, meta, client,
                                     self.cfg.keep_last_checkpoints, self.write_exports)

@@ -101,6 +101,49 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(de
     other = load_train_config(demo_config, {"train_fused_path": False})
     with pytest.raises(checkpointing.IncompatibleCheckpoint, match="train_fused_path"):
         AdapterTrainer.find_resumable(tmp_path / "killed", other)
+    # ... but an attention backend changes no number and does not block a resume
+    assert AdapterTrainer.find_resumable(tmp_path / "killed", load_train_config(
+        demo_config, {"model.attn_backend": "triton"})) == chosen
+    _check_resume_refusals(demo_config, tmp_path / "killed", chosen)
+
+
+def _flip_a_byte(path: Path) -> None:
+    """Same-size corruption: one byte in the middle of the file changes."""
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _check_resume_refusals(demo_config, logdir: Path, good: Path) -> None:
+    """On a real 2-rank ZeRO-3 checkpoint: another world size or ZeRO stage is a clear refusal
+    (also from a real launch); a same-size corrupted shard or RNG file falls back to the
+    previous checkpoint naming the file; all damaged is an error, not a restart from step 0."""
+    cfg = load_train_config(demo_config)
+    with pytest.raises(checkpointing.IncompatibleCheckpoint, match="world_size=2, zero_stage=3; this run has "
+                                                                   "world_size=1, zero_stage=3"):
+        AdapterTrainer.find_resumable(logdir, cfg, {"world_size": 1, "zero_stage": 3})
+    refused = launch(demo_config, logdir, zero="2", sets=FAST + ("max_iters=12", "log_iters=4"))
+    assert refused.returncode != 0 and "zero_stage=3; this run has world_size=2, zero_stage=2" in refused.output
+    older = [c for c in AdapterTrainer.list_checkpoints(logdir) if c.name < good.name]
+    assert older, "the test needs two intact checkpoints"
+    shard = next((good / "deepspeed" / "generator").glob("*optim_states.pt"))
+    _flip_a_byte(shard)
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("ds_trainer.checkpointing").addHandler(handler)
+    try:
+        assert AdapterTrainer.find_resumable(logdir, cfg) == older[-1]
+    finally:
+        logging.getLogger("ds_trainer.checkpointing").removeHandler(handler)
+    assert any(shard.name in r.getMessage() and "content hash" in r.getMessage() for r in records)
+    for ckpt in older:
+        _flip_a_byte(ckpt / "rng_rank1.pt")
+    with pytest.raises(checkpointing.NoUsableCheckpoint, match="rng_rank1.pt was changed"):
+        AdapterTrainer.find_resumable(logdir, cfg)
 
 
 def _rank_pid(port: int, rank: int) -> int:
@@ -240,3 +283,26 @@ def test_a_second_job_on_the_trainer_base_trains_two_roles_checkpoints_and_resum
     assert (newest / "student.safetensors").is_file()
     meta = json.loads((newest / "meta.json").read_text())
     assert meta["compat"]["job"] == "two-roles"
+    # a pickle planted in DeepSpeed's state, with meta.json's size and hash updated to match, does not
+    # run on resume: DeepSpeed's files are read with weights_only
+    marker = tmp_path / "payload-ran"
+    shard = next((newest / "deepspeed" / "critic").glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": _Payload(str(marker))}, shard)
+    rel = str(shard.relative_to(newest))
+    meta["files"][rel] = {"size": shard.stat().st_size, "sha256": checkpointing.file_digest(shard)}
+    (newest / "meta.json").write_text(json.dumps(meta))
+    out = subprocess.run([sys.executable, "-m", "tests.ds_trainer.two_role_job", "--config", str(cfg), "--logdir",
+                          str(tmp_path / "resumed"), "--disable-wandb", "--set", "max_iters=30"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and not marker.exists()
+    assert f"{shard.name}: refusing to load" in out.stdout + out.stderr, out.stderr[-2000:]
+
+
+class _Payload:
+    """What an attacker plants: unpickling it would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
