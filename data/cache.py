@@ -1,8 +1,9 @@
 """Encoder-output cache: precompute what the frozen encoders produce, so training needs none of
 T5, CLIP or the VAE.
 
-Per sample: video latents [16, F, h, w], reference VAE latents [R, 16, 1, hr, wr], reference CLIP
-tokens [R, K, C] (if a CLIP encoder is configured), T5 tokens [L, 4096] (the valid tokens only).
+Per sample: video latents [16, F, h, w], reference VAE latents [R, 16, hr, wr], reference CLIP
+tokens [R, K, C] (if a CLIP encoder is configured), T5 tokens [L, 4096] (the valid tokens only):
+the reference layout of data/batch.py, batched by `collate_cached_batch` into an OpenS2VBatch.
 Samples are keyed by a content hash of (encoder weights identity, resolution, frame indices,
 clip key, prompt, chosen subjects). The random choices (frame start, subjects) are those of
 epoch 0 and are FIXED per cached sample: training from the cache sees the same frames each epoch.
@@ -11,6 +12,10 @@ Layout: `<dir>/shard-r<rank>-<n>.safetensors` (written under a temporary name, t
 `<dir>/manifest-r<rank>.jsonl`, one line per sample, appended only after its shard is on disk.
 Each rank encodes indices rank, rank + W, ...; a restarted job skips hashes already in any
 manifest (resume), so a crash loses at most one unflushed shard.
+
+Every manifest row carries the cache `format` (CACHE_FORMAT); a cache of another format is an
+error naming its manifest, never read with the wrong layout. Format 2: ref_vae without the
+one-frame time axis (format 1, unversioned, stored [R, 16, 1, hr, wr]).
 """
 from __future__ import annotations
 
@@ -26,9 +31,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from data.batch import EncodedInputs, OpenS2VBatch
+from data.encode import encode_batch
+from data.opens2v import collate_opens2v_batch
+
 log = logging.getLogger(__name__)
 MANIFEST_GLOB = "manifest-r*.jsonl"
-TENSOR_NAMES = ("latents", "ref_vae", "ref_clip", "context")
+CACHE_FORMAT = 2
+
+
+class CacheFormatError(ValueError):
+    """A cache written in another format (by another version of wanspeed)."""
 
 
 @dataclass
@@ -40,14 +53,21 @@ class CacheStats:
 
 def read_manifests(cache_dir: Path) -> list[dict[str, Any]]:
     """Every cached sample's manifest row, in a stable order (rank files, then line order).
-    A torn last line (a crash while appending) is ignored."""
+    A torn last line (a crash while appending) is ignored; a row of another cache format is a
+    CacheFormatError naming the file."""
     rows = []
     for path in sorted(Path(cache_dir).glob(MANIFEST_GLOB)):
         for n, line in enumerate(path.read_text().splitlines(), start=1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 log.warning("%s:%d: ignoring a torn manifest line", path, n)
+                continue
+            if row.get("format", 1) != CACHE_FORMAT:
+                raise CacheFormatError(
+                    f"{path}:{n}: cache format {row.get('format', 1)}, this version reads format {CACHE_FORMAT} "
+                    f"(see data/cache.py); rebuild the cache with `wanspeed cache` into an empty directory")
+            rows.append(row)
     return rows
 
 
@@ -63,18 +83,15 @@ def _drop_torn_tail(manifest: Path) -> None:
             fh.truncate(keep)
 
 
-@torch.no_grad()
 def encode_sample(encoders, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Run the frozen encoders on one dataset sample (see data/opens2v.py for its shapes)."""
-    vae, dev = encoders.vae, encoders.vae.model.device
-    out = {"latents": vae.encode(sample["video"][None].to(dev, vae.dtype))[0].float().cpu()}
-    refs = sample["subject_images"].to(dev, vae.dtype)                     # [R, 3, Hs, Ws]
-    out["ref_vae"] = vae.encode(refs[:, :, None]).float().cpu()             # [R, 16, 1, hr, wr]
-    if encoders.clip is not None:
-        out["ref_clip"] = encoders.clip.encode(refs).float().cpu()          # [R, K, C]
-    context, lens = encoders.t5.encode([sample["prompt"]])
-    out["context"] = context[0, : int(lens[0])].float().cpu()                # [L, C]
-    return out
+    """The cached tensors of one dataset sample: `encode_batch` of a one-sample batch (so the
+    cache holds exactly what the raw training path computes), the valid T5 tokens only."""
+    enc = encode_batch(encoders, collate_opens2v_batch([sample]), clip=encoders.clip is not None)
+    out = {"latents": enc.latents[0], "ref_vae": enc.ref_vae[0],                # [16, F, h, w], [R, 16, hr, wr]
+           "context": enc.context[0, : int(enc.context_lens[0])]}              # [L, C]
+    if enc.ref_clip is not None:
+        out["ref_clip"] = enc.ref_clip[0]                                      # [R, K, C]
+    return {k: v.cpu() for k, v in out.items()}
 
 
 class CacheWriter:
@@ -104,7 +121,7 @@ class CacheWriter:
         os.replace(tmp, self.dir / name)
         with self.manifest.open("a") as fh:
             for row, tensors in self.buffer:
-                fh.write(json.dumps({**row, "shard": name, "tensors": sorted(tensors)}) + "\n")
+                fh.write(json.dumps({**row, "format": CACHE_FORMAT, "shard": name, "tensors": sorted(tensors)}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.next_shard += 1
@@ -143,12 +160,37 @@ def build_cache(dataset, encoders, cache_dir: str | Path, rank: int = 0, world_s
     return stats
 
 
+def collate_cached_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
+    """Cached samples -> an OpenS2VBatch with `encoded` set: context zero-padded to the longest
+    prompt (context_lens), references zero-padded to the largest count (ref_counts)."""
+    counts = torch.tensor([s["ref_vae"].shape[0] for s in samples])
+    encoded = EncodedInputs(
+        latents=torch.stack([s["latents"] for s in samples]),
+        context=_pad_stack([s["context"] for s in samples]),
+        context_lens=torch.tensor([s["context"].shape[0] for s in samples]),
+        ref_vae=_pad_stack([s["ref_vae"] for s in samples]),
+        ref_clip=_pad_stack([s["ref_clip"] for s in samples]) if "ref_clip" in samples[0] else None)
+    return OpenS2VBatch(prompts=[s["prompt"] for s in samples], keys=[s["key"] for s in samples],
+                        indices=torch.tensor([s["index"] for s in samples]), ref_counts=counts, encoded=encoded)
+
+
+def _pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack along a new batch axis, zero-padding the first axis to the longest."""
+    out = tensors[0].new_zeros((len(tensors), max(t.shape[0] for t in tensors), *tensors[0].shape[1:]))
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
+
+
 class CachedOpenS2VDataset(Dataset):
     """Training samples read back from the cache: no encoder is loaded.
 
-    Sample: latents [16, F, h, w], ref_vae [R, 16, 1, hr, wr], ref_clip [R, K, C] (if cached),
+    Sample: latents [16, F, h, w], ref_vae [R, 16, hr, wr], ref_clip [R, K, C] (if cached),
     context [L, C], prompt, key, index.
     """
+
+    collate_fn = staticmethod(collate_cached_batch)
+    """How create_opens2v_dataloader batches these samples."""
 
     def __init__(self, cache_dir: str | Path):
         self.dir = Path(cache_dir)
@@ -173,19 +215,3 @@ class CachedOpenS2VDataset(Dataset):
 
     def __getstate__(self):  # open safetensors handles do not pickle into dataloader workers
         return {**self.__dict__, "_handles": {}}
-
-
-def collate_cached_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """latents [B, 16, F, h, w]; ref_vae [B, R, 16, 1, hr, wr]; ref_clip [B, R, K, C];
-    context [B, Lmax, C] zero-padded with context_lens [B]; prompts, keys, indices."""
-    lens = torch.tensor([s["context"].shape[0] for s in samples])
-    ctx = torch.zeros(len(samples), int(lens.max()), samples[0]["context"].shape[-1])
-    for i, s in enumerate(samples):
-        ctx[i, : lens[i]] = s["context"]
-    out = {"latents": torch.stack([s["latents"] for s in samples]), "context": ctx, "context_lens": lens,
-           "ref_vae": torch.stack([s["ref_vae"] for s in samples]),
-           "prompts": [s["prompt"] for s in samples], "keys": [s["key"] for s in samples],
-           "indices": torch.tensor([s["index"] for s in samples])}
-    if "ref_clip" in samples[0]:
-        out["ref_clip"] = torch.stack([s["ref_clip"] for s in samples])
-    return out

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data.annotations import safe_relpath
-from data.opens2v import OpenS2VAdapterDataset, OpenS2VSampleOptions
+from data.opens2v import OpenS2VAdapterDataset
+from data.options import DatasetOptions
 from data.skips import BadSample, SkipLedger, TooManyBadSamples
 from data.video import image_to_model, load_rgb_image
 
@@ -85,7 +86,7 @@ class OpenS2VFirstFrameDataset(Dataset):
     """First sampled frame + caption of each OpenS2V clip (decodes a single frame)."""
 
     def __init__(self, json_path, video_base_path, height: int = 480, width: int = 832, **options: Any):
-        opts = OpenS2VSampleOptions(num_training_frames=1, height=height, width=width, **options)
+        opts = DatasetOptions.build(num_training_frames=1, height=height, width=width, **options)
         self.clips = OpenS2VAdapterDataset(json_path, video_base_path, None, opts)
 
     def __len__(self) -> int:

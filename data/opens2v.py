@@ -18,69 +18,25 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.annotations import ClipAnnotation, SubjectAnnotation, load_annotation_file, parse_entry
+from data.batch import OpenS2VBatch, stack_for_transfer
 from data.cross_frames import CrossFramePairs
+from data.options import DatasetOptions
 from data.skips import BadSample, SkipLedger, TooManyBadSamples
-from data.subjects import (SUBJECT_SELECTIONS, cut_out, decode_mask, frame_for_mask, letterbox,
-                           select_subjects)
+from data.subjects import cut_out, decode_mask, frame_for_mask, letterbox, select_subjects
 from data.video import (crop_box, empty_for_transfer, image_to_model, load_clip, load_rgb_image, open_video,
                         pixel_frames, read_frames, sample_frame_indices)
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENT_TRIES = 64  # consecutive bad samples tolerated while looking for a replacement
-
-
-@dataclass
-class OpenS2VSampleOptions:
-    """What each sample holds and how it is drawn (the seed config's `opens2v` fields)."""
-
-    num_training_frames: int = 21
-    """Latent frames; pixel frames = 4 (n - 1) + 1 (21 -> 81)."""
-    height: int = 480
-    width: int = 832
-    sample_stride: int = 3
-    """Pixel-frame stride inside `face_cut` (the OpenS2V loader's default)."""
-    max_subjects_per_sample: int = 1
-    subject_selection: str = "first"
-    """'first', 'random' or 'best_score' (highest aesthetic score)."""
-    subject_size: Optional[tuple[int, int]] = None
-    """(height, width) of the subject images; None = the video size (one VAE token per latent
-    position of a full frame, as the reference path expects)."""
-    return_foreground: bool = False
-    """Also return the full annotated frame (cover-resized)."""
-    return_background: bool = False
-    """Also return the inpainted background image; a missing one then skips the sample."""
-    is_cross_frame: bool = False
-    """Take the subject from another clip of the same source video (step-6 pairs)."""
-    image_policy: str = "convert"
-    """RGBA / grayscale / 16-bit images: 'convert' (alpha on white, to 8-bit RGB) or 'skip'."""
-    max_bad_fraction: float = 0.2
-    """Stop with an error naming the worst file once more than this share of samples is bad."""
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.subject_selection not in SUBJECT_SELECTIONS:
-            raise ValueError(f"opens2v.subject_selection must be one of {SUBJECT_SELECTIONS}, "
-                             f"got {self.subject_selection!r}")
-        if self.max_subjects_per_sample < 1:
-            raise ValueError("opens2v.max_subjects_per_sample must be >= 1")
-        if self.sample_stride < 1:
-            raise ValueError("opens2v.sample_stride must be >= 1")
-        if self.image_policy not in ("convert", "skip"):
-            raise ValueError(f"opens2v.image_policy must be 'convert' or 'skip', got {self.image_policy!r}")
-        pixel_frames(self.num_training_frames)  # validates
-
-    @property
-    def reference_size(self) -> tuple[int, int]:
-        return tuple(self.subject_size) if self.subject_size else (self.height, self.width)
 
 
 @dataclass
@@ -92,7 +48,7 @@ class SamplePlan:
     subject_source: ClipAnnotation
     subjects: list[SubjectAnnotation]
 
-    def fingerprint(self, options: OpenS2VSampleOptions, extra: str = "") -> str:
+    def fingerprint(self, options: DatasetOptions, extra: str = "") -> str:
         """Content hash of everything that determines the sample's encoder outputs."""
         payload = dict(key=self.ann.key, prompt=self.ann.caption, frames=self.frame_indices.tolist(),
                        size=[options.height, options.width], ref_size=list(options.reference_size),
@@ -105,9 +61,11 @@ class OpenS2VAdapterDataset(Dataset):
     """One OpenS2V dataset part: an annotation JSON, its video directory and its backgrounds."""
 
     def __init__(self, json_path: str | Path, video_base_path: str | Path, background_base_path: str | Path | None,
-                 options: Optional[OpenS2VSampleOptions] = None, cross_frames: Optional[CrossFramePairs] = None,
+                 options: Optional[DatasetOptions] = None, cross_frames: Optional[CrossFramePairs] = None,
                  **option_overrides: Any):
-        self.options = options or OpenS2VSampleOptions(**option_overrides)
+        """options: the `opens2v:` section (its sampling fields: this part's paths are the
+        arguments) with the geometry and seed; or flat `option_overrides` (DatasetOptions.build)."""
+        self.options = options or DatasetOptions.build(**option_overrides)
         self.json_path = Path(json_path)
         self.video_base = Path(video_base_path)
         self.background_base = Path(background_base_path) if background_base_path else None
@@ -121,7 +79,7 @@ class OpenS2VAdapterDataset(Dataset):
         if self.options.is_cross_frame and cross_frames is None:
             raise ValueError("opens2v.is_cross_frame needs the step-6 cross-frame files "
                              "(cross_frames_cluster_path / cross_frames_base_path)")
-        self.ledger = SkipLedger(max_bad_fraction=self.options.max_bad_fraction)
+        self.ledger = SkipLedger(max_bad_fraction=self.options.section.max_bad_fraction)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -137,11 +95,27 @@ class OpenS2VAdapterDataset(Dataset):
 
     # ------------------------------------------------------------------------------- sampling
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.get(index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch's samples (what a DataLoader worker asks for), each video decoded straight into
+        its row of one batch buffer (shared memory in a worker): collating them copies nothing."""
+        videos = empty_for_transfer((len(indices), *self.video_shape))
+        return [self.get(i, video_out=videos[k]) for k, i in enumerate(indices)]
+
+    @property
+    def video_shape(self) -> tuple[int, int, int, int]:
+        o = self.options
+        return 3, pixel_frames(o.num_training_frames), o.height, o.width
+
+    def get(self, index: int, video_out: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """Sample `index`, or the next good one (counted in the ledger); `video_out` [3, T, H, W]
+        receives the video."""
         skipped = []
         for attempt in range(MAX_REPLACEMENT_TRIES):
             i = (index + attempt) % len(self)
             try:
-                sample = self.load(i)
+                sample = self.load(i, video_out)
             except BadSample as err:
                 skipped.append((err.kind, err.path))
                 self.ledger.record(err)
@@ -158,22 +132,23 @@ class OpenS2VAdapterDataset(Dataset):
     def plan(self, index: int) -> SamplePlan:
         """The sample's annotation and random choices, without decoding anything."""
         opt, ann = self.options, self.annotation(index)
-        rng = self.rng(index)
-        indices = sample_frame_indices(*ann.face_cut, pixel_frames(opt.num_training_frames), opt.sample_stride, rng)
-        source, chosen = ann, select_subjects(ann.subjects, opt.subject_selection, opt.max_subjects_per_sample, rng)
+        sec, rng = opt.section, self.rng(index)
+        indices = sample_frame_indices(*ann.face_cut, pixel_frames(opt.num_training_frames), sec.sample_stride, rng)
+        source, chosen = ann, select_subjects(ann.subjects, sec.subject_selection, sec.max_subjects_per_sample, rng)
         if opt.is_cross_frame:
             pair = self.cross_frames.pick(ann.key, rng)
             if pair is not None:
                 source, chosen = pair
         return SamplePlan(ann, indices, source, chosen)
 
-    def load(self, index: int) -> dict[str, Any]:
-        """One sample, or BadSample. Shapes: video [3, T, H, W], subject_images [R, 3, Hs, Ws]."""
+    def load(self, index: int, video_out: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """One sample, or BadSample. Shapes: video [3, T, H, W] (written into `video_out` if
+        given), subject_images [R, 3, Hs, Ws]."""
         opt, plan = self.options, self.plan(index)
         ann, indices = plan.ann, plan.frame_indices
         same_clip = plan.subject_source is ann
         video, extra = load_clip(self.video_base / ann.video_relpath, indices, ann.crop, opt.height, opt.width,
-                                 extra_indices=[ann.ann_frame_idx] if same_clip else [])
+                                 extra_indices=[ann.ann_frame_idx] if same_clip else [], out=video_out)
         subjects, frame = self._subjects(plan, extra.get(ann.ann_frame_idx))
         sample = {
             "video": video, "prompt": ann.caption, "key": ann.key, "frame_indices": torch.from_numpy(indices),
@@ -183,9 +158,9 @@ class OpenS2VAdapterDataset(Dataset):
             "subject_aes_scores": torch.tensor([s["aes_score"] for s in subjects]),
             "scores": {k: ann.scores.get(k, float("nan")) for k in ("tech", "motion", "aesthetic")},
         }
-        if opt.return_foreground:
+        if opt.section.return_foreground:
             sample["foreground_image"] = self._resize_image(frame)
-        if opt.return_background:
+        if opt.section.return_background:
             sample["background_image"] = self._resize_image(self._background(ann))
         return sample
 
@@ -225,7 +200,7 @@ class OpenS2VAdapterDataset(Dataset):
         for stem in dict.fromkeys(stems):
             path = self.background_base / f"{stem}.png"
             if path.is_file():
-                return load_rgb_image(path, self.options.image_policy)
+                return load_rgb_image(path, self.options.section.image_policy)
         raise BadSample("missing-background", str(self.background_base / f"{key}.png"),
                         f"no background image (tried {', '.join(s + '.png' for s in dict.fromkeys(stems))})")
 
@@ -235,18 +210,30 @@ class MultiPartOpenS2VAdapterDataset(torch.utils.data.ConcatDataset):
     `background_base_paths` are zipped (lists of equal length)."""
 
     def __init__(self, json_paths: list, video_base_paths: list, background_base_paths: Optional[list] = None,
-                 options: Optional[OpenS2VSampleOptions] = None, cross_frames: Optional[CrossFramePairs] = None,
+                 options: Optional[DatasetOptions] = None, cross_frames: Optional[CrossFramePairs] = None,
                  **option_overrides: Any):
         background_base_paths = background_base_paths or [None] * len(json_paths)
         lengths = {"json_paths": len(json_paths), "video_base_paths": len(video_base_paths),
                    "background_base_paths": len(background_base_paths)}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"opens2v path lists must have equal lengths, got {lengths}")
-        options = options or OpenS2VSampleOptions(**option_overrides)
+        options = options or DatasetOptions.build(**option_overrides)
         parts = [OpenS2VAdapterDataset(j, v, b, options, cross_frames)
                  for j, v, b in zip(json_paths, video_base_paths, background_base_paths)]
         super().__init__(parts)
         self.options = options
+
+    @classmethod
+    def from_options(cls, options: DatasetOptions,
+                     cross_frames: Optional[CrossFramePairs] = None) -> "MultiPartOpenS2VAdapterDataset":
+        """Every part the `opens2v:` section lists."""
+        sec = options.section
+        return cls(sec.json_paths, sec.video_base_paths, sec.background_base_paths or None, options, cross_frames)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """As OpenS2VAdapterDataset.__getitems__, across parts (all parts share one geometry)."""
+        videos = empty_for_transfer((len(indices), *self.datasets[0].video_shape))
+        return [part.get(local, video_out=videos[k]) for k, (part, local) in enumerate(map(self.locate, indices))]
 
     def set_epoch(self, epoch: int) -> None:
         for part in self.datasets:
@@ -262,36 +249,8 @@ class MultiPartOpenS2VAdapterDataset(torch.utils.data.ConcatDataset):
         return self.datasets[part], index - (self.cumulative_sizes[part - 1] if part else 0)
 
 
-@dataclass
-class OpenS2VBatch:
-    """A collated batch. video [B, 3, T, H, W]; subject_images [B, R, 3, Hs, Ws] padded with white
-    images past subject_counts [B]; prompts, keys: lists of B strings; aes/gme scores [B, R];
-    tech/motion/aesthetic [B]; indices [B] (the dataset index actually loaded); skipped: every
-    (kind, path) replaced while building the batch."""
-
-    video: torch.Tensor
-    subject_images: torch.Tensor
-    subject_counts: torch.Tensor
-    prompts: list[str]
-    keys: list[str]
-    subject_aes_scores: torch.Tensor
-    subject_gme_scores: torch.Tensor
-    scores: dict[str, torch.Tensor]
-    indices: torch.Tensor
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def stack_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack without a copy for one tensor (a view) and, inside a DataLoader worker, into
-    shared memory, so the batch reaches the main process without another copy."""
-    if len(tensors) == 1:
-        return tensors[0].unsqueeze(0)
-    return torch.stack(tensors, out=empty_for_transfer((len(tensors), *tensors[0].shape), tensors[0].dtype))
-
-
 def collate_opens2v_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
-    """Stack samples; pad subjects to the batch's largest count with white images (value 1.0)."""
+    """Stack raw samples; pad subjects to the batch's largest count with white images (value 1.0)."""
     r = max(s["subject_images"].shape[0] for s in samples)
 
     def pad(t: torch.Tensor, value: float) -> torch.Tensor:
@@ -301,36 +260,35 @@ def collate_opens2v_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
     extras = {name: stack_for_transfer([s[name] for s in samples])
               for name in ("foreground_image", "background_image") if name in samples[0]}
     return OpenS2VBatch(
+        prompts=[s["prompt"] for s in samples], keys=[s["key"] for s in samples],
+        indices=torch.tensor([s["index"] for s in samples]),
+        ref_counts=torch.tensor([s["subject_images"].shape[0] for s in samples]),
         video=stack_for_transfer([s["video"] for s in samples]),
         subject_images=torch.stack([pad(s["subject_images"], 1.0) for s in samples]),
-        subject_counts=torch.tensor([s["subject_images"].shape[0] for s in samples]),
-        prompts=[s["prompt"] for s in samples], keys=[s["key"] for s in samples],
         subject_aes_scores=torch.stack([pad(s["subject_aes_scores"], 0.0) for s in samples]),
         subject_gme_scores=torch.stack([pad(s["subject_gme_scores"], 0.0) for s in samples]),
         scores={k: torch.tensor([s["scores"][k] for s in samples]) for k in ("tech", "motion", "aesthetic")},
-        indices=torch.tensor([s["index"] for s in samples]),
-        skipped=[x for s in samples for x in s["skipped"]], extras=extras)
+        extras=extras, skipped=[x for s in samples for x in s["skipped"]])
 
 
 def create_opens2v_dataloader(dataset: Dataset, batch_size: int = 1, sampler=None, num_workers: int = 2,
                               pin_memory: bool = False, prefetch_factor: int = 2) -> DataLoader:
-    """A DataLoader with the OpenS2V collate function; pass a `ResumableDistributedSampler`.
-    Warns when /dev/shm is too small for the batches the workers keep in flight."""
+    """The DataLoader of the subject-reference job, over raw OpenS2V parts or the encoder cache
+    (a dataset with its own `collate_fn`, e.g. CachedOpenS2VDataset); batches are OpenS2VBatch.
+    Pass a `ResumableDistributedSampler`. Warns when /dev/shm is too small for the batches the
+    workers keep in flight."""
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers > 0 else {}
-    if num_workers > 0:
-        parts = getattr(dataset, "datasets", [dataset])
-        options = getattr(parts[0], "options", None) if parts else None
-        if options is not None:
-            sample = 3 * pixel_frames(options.num_training_frames) * options.height * options.width * 4
-            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-            need = (batch_size * sample, num_workers * ranks_here, prefetch_factor)
-            warning = None if need in _WARNED else shared_memory_warning(*need)
-            if warning:  # once per setting: the trainer rebuilds its loader every epoch
-                _WARNED.add(need)
-                log.warning(warning)
+    options = getattr(dataset, "options", None)
+    if num_workers > 0 and options is not None:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        need = (batch_size * options.sample_nbytes, num_workers * ranks_here, prefetch_factor)
+        warning = None if need in _WARNED else shared_memory_warning(*need)
+        if warning:  # once per setting: the trainer rebuilds its loader every epoch
+            _WARNED.add(need)
+            log.warning(warning)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_opens2v_batch, pin_memory=pin_memory, drop_last=True,
-                      worker_init_fn=_single_threaded_worker, **kwargs)
+                      collate_fn=getattr(dataset, "collate_fn", collate_opens2v_batch), pin_memory=pin_memory,
+                      drop_last=True, worker_init_fn=_single_threaded_worker, **kwargs)
 
 
 _WARNED: set[tuple[int, int, int]] = set()

@@ -102,24 +102,30 @@ def empty_for_transfer(shape: Sequence[int], dtype: torch.dtype = torch.float32)
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
-def to_unit_range(frames_uint8: torch.Tensor) -> torch.Tensor:
+def to_unit_range(frames_uint8: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 [..] -> float32 [..] in [-1, 1] (x / 127.5 - 1: 0 -> -1 and 255 -> 1 exactly), in
-    the input's logical layout, contiguous. Give it contiguous frames: a strided uint8 -> float
-    copy is ~3x slower on CPU than a layout change on the uint8 values followed by this."""
+    the input's logical layout, contiguous, written into `out` if given (e.g. a row of a batch
+    buffer). Give it contiguous frames: a strided uint8 -> float copy is ~3x slower on CPU than a
+    layout change on the uint8 values followed by this."""
     src = frames_uint8.contiguous()
-    out = empty_for_transfer(src.shape)
+    if out is None:
+        out = empty_for_transfer(src.shape)
+    elif out.shape != src.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 {tuple(src.shape)} tensor, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     out.copy_(src)
     return out.div_(127.5).sub_(1.0)
 
 
 def video_to_model(frames_uint8: np.ndarray, height: int, width: int,
-                   rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+                   rows: Optional[Sequence[int]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decoded frames [N, h, w, 3] uint8 -> video [3, T, height, width] float32 in [-1, 1].
 
     `rows` picks (and may repeat) the frames to keep, after the resize: resizing one unused frame
     is cheaper than copying the full-size ones to drop it. Nothing full-size is copied: the
     frames are read in place (channels-last) and resized in uint8; the pick and the transpose to
-    [3, T] are one pass over the small uint8 frames, then the float conversion runs once."""
+    [3, T] are one pass over the small uint8 frames, then the float conversion runs once (into
+    `out` if given)."""
     if not frames_uint8.flags.writeable:  # torch.from_numpy warns on read-only arrays
         frames_uint8 = frames_uint8.copy()
     x = resize_cover(torch.from_numpy(frames_uint8).permute(0, 3, 1, 2), height, width)
@@ -127,7 +133,7 @@ def video_to_model(frames_uint8: np.ndarray, height: int, width: int,
     planar = torch.empty((3, len(rows), height, width), dtype=torch.uint8)
     for t, row in enumerate(rows):
         planar[:, t].copy_(x[int(row)])
-    return to_unit_range(planar)
+    return to_unit_range(planar, out)
 
 
 def image_to_model(image_uint8: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -136,11 +142,13 @@ def image_to_model(image_uint8: np.ndarray, height: int, width: int) -> torch.Te
 
 
 def load_clip(path: Path, indices: Sequence[int], crop, height: int, width: int,
-              extra_indices: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
+              extra_indices: Sequence[int] = (), out: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
     """Decode the sampled frames (plus `extra_indices`, e.g. the annotated frame) in ONE
     `get_batch` pass, then crop and cover-resize the sampled ones.
 
-    Returns the video [3, T, height, width] in [-1, 1] and {extra index: [H, W, 3] uint8 full frame}.
+    Returns the video [3, T, height, width] in [-1, 1] (written into `out` if given) and
+    {extra index: [H, W, 3] uint8 full frame}.
     """
     lo, hi = int(min(indices)), int(max(indices))
     inside = [int(i) for i in extra_indices if lo <= i <= hi]  # free: decoded on the way anyway
@@ -149,7 +157,8 @@ def load_clip(path: Path, indices: Sequence[int], crop, height: int, width: int,
     need = np.union1d(np.asarray(indices), np.asarray(inside, dtype=np.int64))
     frames = read_frames(reader, path, need)
     row = {int(i): k for k, i in enumerate(need)}
-    video = video_to_model(crop_box(frames, crop, str(path)), height, width, rows=[row[int(i)] for i in indices])
+    video = video_to_model(crop_box(frames, crop, str(path)), height, width, rows=[row[int(i)] for i in indices],
+                           out=out)
     extra = {i: frames[row[i]] for i in inside}
     if outside:  # a separate seek: decoding from the span's start back to it would cost more
         extra.update(zip(outside, read_frames(reader, path, outside)))

@@ -14,14 +14,14 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from data.cache import CachedOpenS2VDataset, collate_cached_batch
+from data.cache import CachedOpenS2VDataset
 from data.opens2v import create_opens2v_dataloader
 from ds_trainer import checkpointing as ckpt
 from ds_trainer.config import TrainConfig
 from ds_trainer.datasets import opens2v_dataset
 from ds_trainer.distributed import process_rank
 from ds_trainer.engine import build_engine, count_parameters
-from ds_trainer.flow_step import flow_matching_loss, inputs_from_cache, inputs_from_raw, step_generator
+from ds_trainer.flow_step import flow_matching_loss, inputs_from_batch, step_generator
 from ds_trainer.generator import build_wan
 from ds_trainer.trainable import apply_activation_checkpointing, apply_freeze, apply_lora, reference_trainable_patterns
 from ds_trainer.trainer import Trainer
@@ -56,9 +56,7 @@ class AdapterTrainer(Trainer):
     def build_data(self):
         self.encoders = self._load_encoders() if self.cfg.cache_dir is None else None
         if self.cfg.cache_dir:
-            self.collate = collate_cached_batch
             return CachedOpenS2VDataset(self.cfg.cache_dir)
-        self.collate = None
         return opens2v_dataset(self.cfg)
 
     def _load_encoders(self):
@@ -68,16 +66,10 @@ class AdapterTrainer(Trainer):
     def make_loader(self):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.sampler.epoch)
-        if self.collate is None:
-            return create_opens2v_dataloader(self.dataset, self.cfg.batch_size, self.sampler, self.cfg.num_workers)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
-                                           num_workers=self.cfg.num_workers, collate_fn=self.collate, drop_last=True)
+        return create_opens2v_dataloader(self.dataset, self.cfg.batch_size, self.sampler, self.cfg.num_workers)
 
     def batch_inputs(self, batch):
-        use_clip = self.model.config.reference_paths.clip
-        if self.encoders is None:
-            return inputs_from_cache(batch, self.device, use_clip)
-        return inputs_from_raw(batch, self.encoders, self.device, use_clip)
+        return inputs_from_batch(batch, self.encoders, self.device, self.model.config.reference_paths.clip)
 
     def compute_loss(self, batch, micro: int) -> torch.Tensor:
         gen = step_generator(self.cfg.seed, self.step, micro, self.rank)

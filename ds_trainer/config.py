@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from data.options import OpenS2VSection
 from model.config import PRESETS, ConfigError, ReferencePathsConfig, WanConfig
 from model.encoders.bundle import EncoderPaths
 from model.typed_config import from_mapping, load_yaml
@@ -26,30 +27,6 @@ JOBS: dict[str, tuple[str, str]] = {
     DEFAULT_JOB: ("ds_trainer.config:TrainConfig", "ds_trainer.adapter_trainer:AdapterTrainer"),
 }
 """job name -> (its config class, its Trainer subclass), as "module:attribute" (imported when used)."""
-
-
-@dataclass
-class OpenS2VSection:
-    """`opens2v:` data paths (one entry per dataset part, zipped) and sampling."""
-
-    json_paths: list[str] = field(default_factory=list)
-    video_base_paths: list[str] = field(default_factory=list)
-    background_base_paths: list[str] = field(default_factory=list)
-    sample_stride: int = 3
-    """Pixel-frame stride inside `face_cut`."""
-    max_subjects_per_sample: int = 1
-    subject_selection: str = "first"
-    """'first', 'random' or 'best_score'."""
-    cross_frames_cluster_path: Optional[str] = None
-    """step6 `cluster_videos.json` (only with `is_cross_frame`)."""
-    cross_frames_base_path: Optional[str] = None
-    """step6 `cross-frames-pairs/final_output` directory (only with `is_cross_frame`)."""
-
-    def __post_init__(self):
-        if self.background_base_paths and len(self.background_base_paths) != len(self.json_paths):
-            raise ConfigError("opens2v.background_base_paths must have one entry per json_paths entry")
-        if len(self.video_base_paths) != len(self.json_paths):
-            raise ConfigError("opens2v.video_base_paths must have one entry per json_paths entry")
 
 
 @dataclass

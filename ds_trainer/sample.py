@@ -46,7 +46,7 @@ def sample_video(model, inputs, steps: int, shift: float, generator: torch.Gener
     sigmas = sch.sampling_sigmas(steps)
     b = x.shape[0]
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        flow = model(x, sch.timestep(s).expand(b), **inputs.model_kwargs())
+        flow = model(x, sch.timestep(s).expand(b), inputs.cond)
         x = sch.euler_step(x, flow, s.expand(b), s_next.expand(b))
     return x
 
@@ -70,7 +70,7 @@ def run(args) -> int:
     from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
     from ds_trainer.config import load_train_config, trainer_class  # noqa: PLC0415
     from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
-    from ds_trainer.flow_step import inputs_from_raw  # noqa: PLC0415
+    from ds_trainer.flow_step import inputs_from_batch  # noqa: PLC0415
     from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
 
     cfg = load_train_config(args.logdir / "config.yaml")
@@ -82,8 +82,8 @@ def run(args) -> int:
     model = load_trained_generator(cfg, Path(ckpt))
     encoders = load_frozen_encoders(cfg.encoders)
     sample = opens2v_dataset(cfg)[args.index]
-    inputs = inputs_from_raw(collate_opens2v_batch([sample]), encoders, torch.device("cpu"),
-                             model.config.reference_paths.clip)
+    inputs = inputs_from_batch(collate_opens2v_batch([sample]), encoders, torch.device("cpu"),
+                               model.config.reference_paths.clip)
     latents = sample_video(model, inputs, args.steps or cfg.sample.steps, cfg.timestep_shift,
                            torch.Generator().manual_seed(cfg.seed))
     video = encoders.vae.decode(latents)[0].float()

@@ -19,8 +19,9 @@ import torch
 from kernels.block_causal_layout import BlockCausalLayout
 from model.config import WanConfig
 from model.kv_cache import KVCache, make_caches
+from model.conditioning import Conditioning
 from model.layers import rope_table
-from model.wan import CrossContext, WanModel
+from model.wan import CrossContext, WanModel, require
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,13 @@ class CausalWanModel(WanModel):
                                  local, c.sink_size, teacher_forcing)
 
     # ---------------------------------------------------------------------------- training
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clean_x: Optional[torch.Tensor] = None,
-                clean_t: Optional[torch.Tensor] = None, **cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, clean_x: Optional[torch.Tensor] = None,
+                clean_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """All frames at once under the block-causal mask. x: [B, C, F, H, W]; t: [B, F] (or [B]).
         With `clean_x` (teacher forcing) the sequence is [clean | noisy] with the same RoPE on both
         halves and clean timesteps `clean_t` (default 0); only the noisy half is returned."""
-        y = cond.pop("y", None)
         if self.config.model_type == "i2v":
+            y = require(cond.y, "y", "an i2v model")
             x = torch.cat([x, y.to(x.dtype)], dim=1)
             if clean_x is not None:
                 clean_x = torch.cat([clean_x, y.to(clean_x.dtype)], dim=1)
@@ -89,11 +90,11 @@ class CausalWanModel(WanModel):
             t = torch.cat([clean_t if clean_t is not None else torch.zeros_like(t), t], dim=1)
             cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
         e, e0 = self.embed_time(t)
-        ctx = self.embed_context(context, **cond)
+        ctx = self.embed_context(cond)
         tokens = self.run_blocks(tokens, e0, (cos, sin), ctx, layout=layout)
         out = self.head(tokens, e)
         if clean_x is not None:
-            out, e = out[:, f * frame_tokens:], e[:, f:]
+            out = out[:, f * frame_tokens:]
         return self.unpatchify(out, grid)
 
     # --------------------------------------------------------------------------- inference
@@ -103,10 +104,11 @@ class CausalWanModel(WanModel):
         return make_caches(len(self.blocks), batch, frame_tokens, self.config.num_heads, self.config.head_dim,
                            max_frames, c.local_attn_size, c.sink_size, device, dtype, c.num_frame_per_block)
 
-    def cross_attention_cache(self, context: torch.Tensor, **cond) -> tuple[CrossContext, list]:
+    def cross_attention_cache(self, cond: Conditioning) -> tuple[CrossContext, list]:
         """Embed the prompt / CLIP / reference inputs once and precompute every block's K, V for
-        every path (text, img, vae, fused): reused by all blocks of frames until the prompt changes."""
-        ctx = self.embed_context(context, **cond)
+        every path (text, img, vae, fused): reused by all blocks of frames until the prompt changes.
+        `cond.y` is not used here: each block gets its own slice (forward_block's `y`)."""
+        ctx = self.embed_context(cond)
         return ctx, [blk.cross_attn.kv_paths(ctx) for blk in self.blocks]
 
     def forward_block(self, x: torch.Tensor, t: torch.Tensor, start_frame: int, kv_caches: list[KVCache],
@@ -118,8 +120,7 @@ class CausalWanModel(WanModel):
         latents the cache should hold, e.g. the clean ones after denoising).
         """
         if self.config.model_type == "i2v":
-            if y is None:
-                raise ValueError("`y` (this block's slice of mask + first-frame latent) is required by an i2v model")
+            y = require(y, "y", "an i2v model (this block's slice of mask + first-frame latent)")
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         tokens, grid = self.patchify(x)
         t = t[:, None].expand(-1, grid[0]) if t.dim() == 1 else t

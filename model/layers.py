@@ -50,7 +50,7 @@ class WanRMSNorm(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in upcast precision (affine only where Wan has it: norm3, img_emb)."""
+    """LayerNorm computed in upcast precision (affine only where Wan has it: norm3)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
@@ -75,13 +75,35 @@ def _axis_angles(num_pairs: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.outer(positions.to(torch.float64), inv)
 
 
+ROPE_CACHE_SIZE = 16  # grids x start frames x devices: a causal rollout uses one per block start
+
+
 def rope_table(head_dim: int, grid: tuple[int, int, int], start_frame: int = 0,
                device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the 3D RoPE angles for an (F, H, W) token grid in f, h, w order.
 
     Positions start at 0 on every axis (at `start_frame` on the time axis, for causal blocks).
-    Returns (cos, sin), each [F*H*W, head_dim/2] float64.
+    Returns (cos, sin), each [F*H*W, head_dim/2] float64. Built once per (head_dim, grid,
+    start_frame, device) and shared: the tensors are cached (an LRU of ROPE_CACHE_SIZE), so
+    treat them as read-only. An entry a caller modified in place anyway (its version counter
+    moved) is rebuilt, never handed out again.
     """
+    key = (head_dim, tuple(grid), start_frame, torch.device(device if device is not None else "cpu"))
+    hit = _ROPE_CACHE.pop(key, None)
+    if hit is None or any(t._version != v for t, v in zip(hit[:2], hit[2])):
+        cos, sin = _build_rope_table(*key)
+        hit = (cos, sin, (cos._version, sin._version))
+    _ROPE_CACHE[key] = hit  # most recently used last
+    while len(_ROPE_CACHE) > ROPE_CACHE_SIZE:
+        _ROPE_CACHE.pop(next(iter(_ROPE_CACHE)))
+    return hit[0], hit[1]
+
+
+_ROPE_CACHE: dict = {}  # key -> (cos, sin, their versions when built); insertion order = LRU order
+
+
+def _build_rope_table(head_dim: int, grid: tuple[int, int, int], start_frame: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     f, h, w = grid
     if max(start_frame + f, h, w) > ROPE_MAX_POSITIONS:
         raise ValueError(f"grid {grid} (start frame {start_frame}) exceeds the "
@@ -113,7 +135,9 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class MLPProj(nn.Module):
-    """Wan's `img_emb`: LN -> Linear -> GELU -> Linear -> LN on CLIP tokens [B, K, clip_dim]."""
+    """Wan's `img_emb`: LayerNorm -> Linear -> GELU -> Linear -> LayerNorm on CLIP tokens
+    [B, K, clip_dim]. The norms are plain affine `nn.LayerNorm`s, as upstream's MLPProj (keys
+    proj.0 / proj.4), not `WanLayerNorm`."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()

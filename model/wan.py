@@ -6,8 +6,10 @@ Self-Forcing and LongLive weights load unchanged. Reference adapters add `clip_p
 `k_img/v_img/norm_k_img` on a T2V base), each zero-initialised on the value side so an
 untrained adapter leaves the base output unchanged.
 
-Shapes follow the glossary in model/config.py. Every attention call goes through the
-`kernels.attention` backend registry.
+Shapes follow the glossary in model/config.py; the conditioning inputs (text, I2V, references
+and their layout) are one `model.conditioning.Conditioning`. The attention backend is resolved
+once, when the model is built or `set_attn_backend` is called (`kernels.attention.get_backend`),
+and kept on each attention module.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import (KVPath, attention, block_causal_attention, kv_cache_attention,
-                               multi_path_attention)
+from kernels.attention import AttentionBackend, KVPath, get_backend
 from kernels.qk_norm_rope import qk_norm_rope
+from model.conditioning import Conditioning
 from model.config import VAE_Z_DIM, WanConfig
 from model.layers import (Head, MLPProj, WanLayerNorm, WanRMSNorm, gate, modulate, rope_apply,
                           rope_table, sinusoidal_embedding_1d, upcast)
@@ -60,10 +62,11 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 class WanSelfAttention(nn.Module):
     """Full self-attention with qk RMSNorm over the full dim and 3D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, backend: AttentionBackend, qk_norm: bool = True,
+                 eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
-        self.attn_backend: Optional[str] = None
+        self.backend = backend
         self.fused_norm_rope = False  # set by WanModel from its config
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
@@ -92,12 +95,12 @@ class WanSelfAttention(nn.Module):
         if kv_cache is not None:
             kv_cache.write(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
             view = kv_cache.view()
-            out = kv_cache_attention(q, view.k, view.v, view.sink_len, view.window_start, view.window_len,
-                                     backend=self.attn_backend)
+            out = self.backend.kv_cache_attention(q, view.k, view.v, view.sink_len, view.window_start,
+                                                  view.window_len)
         elif layout is not None:
-            out = block_causal_attention(q, k, v, layout, backend=self.attn_backend)
+            out = self.backend.block_causal_attention(q, k, v, layout)
         else:
-            out = attention(q, k, v, backend=self.attn_backend)  # [B, L, N, D]
+            out = self.backend.attention(q, k, v)  # [B, L, N, D]
         return self.o(out.flatten(2).to(self.o.weight.dtype))
 
 
@@ -107,11 +110,11 @@ class WanCrossAttention(nn.Module):
     out = o( sum over paths s of softmax(q k_s^T / sqrt(D)) v_s ), each path its own softmax.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float,
+    def __init__(self, dim: int, num_heads: int, backend: AttentionBackend, qk_norm: bool, eps: float,
                  img: bool = False, vae: bool = False, fused: bool = False):
         super().__init__()
         self.num_heads = num_heads
-        self.attn_backend: Optional[str] = None
+        self.backend = backend
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         norm = (lambda: WanRMSNorm(dim, eps)) if qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
@@ -144,20 +147,20 @@ class WanCrossAttention(nn.Module):
         x = x.to(self.q.weight.dtype)
         q = _heads(self.norm_q(self.q(x)), self.num_heads)
         paths = kv if kv is not None else self.kv_paths(context)
-        out = multi_path_attention(q, paths, backend=self.attn_backend)
+        out = self.backend.multi_path_attention(q, paths)
         return self.o(out.flatten(2).to(self.o.weight.dtype))
 
 
 class WanAttentionBlock(nn.Module):
     """Self-attention, cross-attention, FFN; adaLN modulation (shift, scale, gate) x 2 in fp32."""
 
-    def __init__(self, cfg: WanConfig):
+    def __init__(self, cfg: WanConfig, backend: AttentionBackend):
         super().__init__()
         dim, refs = cfg.dim, cfg.reference_paths
         self.norm1 = WanLayerNorm(dim, cfg.eps)
-        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, backend, cfg.qk_norm, cfg.eps)
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
-        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps,
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, backend, cfg.qk_norm, cfg.eps,
                                             img=cfg.has_img_path, vae=refs.vae, fused=refs.fused)
         self.norm2 = WanLayerNorm(dim, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
@@ -179,8 +182,8 @@ class WanAttentionBlock(nn.Module):
 class WanModel(nn.Module):
     """The Wan2.1 diffusion transformer.
 
-    forward(x [B, C, F, H, W], t [B] or [B, F], context [B, L_txt, text_dim], clip_fea, y, ...)
-    returns the flow prediction [B, out_dim, F, H, W].
+    forward(x [B, C, F, H, W], t [B] or [B, F], cond: Conditioning) returns the flow prediction
+    [B, out_dim, F, H, W].
     """
 
     def __init__(self, cfg: WanConfig):
@@ -192,7 +195,8 @@ class WanModel(nn.Module):
                                             nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
-        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        backend = get_backend(cfg.attn_backend)  # resolved once: name > $WANSPEED_ATTN_BACKEND > sdpa
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg, backend) for _ in range(cfg.num_layers))
         self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
         if cfg.model_type == "i2v":
             self.img_emb = MLPProj(cfg.clip_dim, dim)
@@ -202,7 +206,6 @@ class WanModel(nn.Module):
             self.vae_proj = nn.Linear(VAE_Z_DIM, dim)
         self.gradient_checkpointing = False
         """Recompute each block in the backward pass while training (non-reentrant)."""
-        self.set_attn_backend(cfg.attn_backend)
         for blk in self.blocks:
             blk.self_attn.fused_norm_rope = cfg.fused_qk_norm_rope
         if not hasattr(self.patch_embedding.weight, "ds_id"):  # under ZeRO-3 Init: filled after partitioning
@@ -210,10 +213,12 @@ class WanModel(nn.Module):
 
     # ----------------------------------------------------------------------------------- setup
     def set_attn_backend(self, name: Optional[str]) -> None:
-        """Route every attention of the model to the named backend (None = env var or sdpa)."""
+        """Route every attention of the model to the named backend (None = env var or sdpa),
+        resolved and checked usable here, once."""
+        backend = get_backend(name)
         for mod in self.modules():
             if isinstance(mod, (WanSelfAttention, WanCrossAttention)):
-                mod.attn_backend = name
+                mod.backend = backend
 
     def init_weights(self, only: Optional[set[str]] = None) -> None:
         """Official init (xavier Linear/Conv, normal(0.02) embeddings, zero head) plus zero
@@ -233,30 +238,25 @@ class WanModel(nn.Module):
         e0 = _run_upcast(self.time_projection, e).unflatten(1, (6, self.config.dim))
         return e.unflatten(0, tt.shape), e0.unflatten(0, tt.shape)
 
-    def embed_context(self, context: torch.Tensor, context_lens: Optional[torch.Tensor] = None,
-                      clip_fea: Optional[torch.Tensor] = None, ref_clip: Optional[torch.Tensor] = None,
-                      ref_vae: Optional[torch.Tensor] = None, ref_vae_lens: Optional[torch.Tensor] = None,
-                      ref_clip_lens: Optional[torch.Tensor] = None) -> CrossContext:
+    def embed_context(self, cond: Conditioning) -> CrossContext:
         """Embed the cross-attention inputs once per forward.
 
-        context: [B, L_txt <= text_len, text_dim] (zeroed past `context_lens` [B] if given, then
-        zero-padded to text_len, as upstream). clip_fea: [B, K, clip_dim] I2V CLIP tokens.
-        ref_clip: [B, K, clip_dim] reference CLIP tokens. ref_vae: [B, 16, R, h, w] (or
-        [B, 16, h, w]) reference VAE latents, one token per latent position; ref_vae_lens and
-        ref_clip_lens [B] count the valid tokens per sample (batches with fewer references).
+        The text context is zeroed past `context_lens` if given, then zero-padded to text_len,
+        as upstream. References (layout in model/conditioning.py) become one token per latent
+        position of each reference image (VAE) and per CLIP token, in reference order.
         """
         cfg = self.config
-        text = _pad_text(context, context_lens, cfg.text_len)
+        text = _pad_text(cond.context, cond.context_lens, cfg.text_len)
         out = CrossContext(text=self.text_embedding(text.to(self.text_embedding[0].weight.dtype)))
         if cfg.model_type == "i2v":
-            out.img = self.img_emb(_required(clip_fea, "clip_fea", "an i2v model"))
+            out.img = self.img_emb(require(cond.clip_fea, "clip_fea", "an i2v model"))
         if cfg.reference_paths.clip:
-            out.img = self.clip_proj(_required(ref_clip, "ref_clip", "the CLIP reference path").to(self.clip_proj.weight.dtype))
-            out.img_lens = ref_clip_lens
+            clip = require(cond.ref_clip, "ref_clip", "the CLIP reference path").flatten(1, 2)  # [B, R*K, C]
+            out.img, out.img_lens = self.clip_proj(clip.to(self.clip_proj.weight.dtype)), cond.ref_clip_lens
         if cfg.reference_paths.vae:
-            lat = _required(ref_vae, "ref_vae", "the VAE reference path")
-            tokens = lat.flatten(2).transpose(1, 2)  # [B, R*h*w, 16]
-            out.vae, out.vae_lens = self.vae_proj(tokens.to(self.vae_proj.weight.dtype)), ref_vae_lens
+            lat = require(cond.ref_vae, "ref_vae", "the VAE reference path")
+            tokens = lat.permute(0, 1, 3, 4, 2).flatten(1, 3)  # [B, R*h*w, 16]
+            out.vae, out.vae_lens = self.vae_proj(tokens.to(self.vae_proj.weight.dtype)), cond.ref_vae_lens
         if cfg.reference_paths.fused:
             out.fused, out.fused_lens = _pack(out.img, out.img_lens, out.vae, out.vae_lens)
         return out
@@ -274,21 +274,16 @@ class WanModel(nn.Module):
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(x.shape[0], c, f * pt, h * ph, w * pw)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                clip_fea: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-                context_lens: Optional[torch.Tensor] = None, ref_clip: Optional[torch.Tensor] = None,
-                ref_vae: Optional[torch.Tensor] = None, ref_vae_lens: Optional[torch.Tensor] = None,
-                ref_clip_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [B, C, F, H, W] noisy latents; t: [B] or [B, F]; context: [B, L_txt, text_dim];
-        clip_fea: [B, 257, clip_dim] (i2v); y: [B, 20, F, H, W] mask + first-frame latent (i2v).
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x: [B, C, F, H, W] noisy latents; t: [B] or [B, F]; cond: text (+ I2V, references).
         Returns [B, out_dim, F, H, W]."""
         if self.config.model_type == "i2v":
-            x = torch.cat([x, _required(y, "y", "an i2v model").to(x.dtype)], dim=1)
+            x = torch.cat([x, require(cond.y, "y", "an i2v model").to(x.dtype)], dim=1)
         tokens, grid = self.patchify(x)
         if t.dim() == 2 and t.shape[1] != grid[0]:
             raise ValueError(f"per-frame timesteps t has {t.shape[1]} frames, latents have {grid[0]}")
         e, e0 = self.embed_time(t)
-        ctx = self.embed_context(context, context_lens, clip_fea, ref_clip, ref_vae, ref_vae_lens, ref_clip_lens)
+        ctx = self.embed_context(cond)
         rope = rope_table(self.config.head_dim, grid, device=tokens.device)
         tokens = self.run_blocks(tokens, e0, rope, ctx)
         return self.unpatchify(self.head(tokens, e), grid)
@@ -331,7 +326,8 @@ def _pack(a: torch.Tensor, a_lens: Optional[torch.Tensor], b: torch.Tensor, b_le
     return out, lens
 
 
-def _required(value, name: str, what: str):
+def require(value, name: str, what: str):
+    """`value`, or a ValueError naming the missing input and what needs it."""
     if value is None:
         raise ValueError(f"`{name}` is required by {what}")
     return value

@@ -39,13 +39,15 @@ def test_two_ranks_fill_the_cache_and_it_reads_back_exactly(demo_data, encoders,
     for index in (0, 3):
         direct = encode_sample(encoders, ds[index])
         got = cached[by_index[index]]
-        assert got["latents"].shape == (16, 2, 4, 6) and got["ref_vae"].shape == (1, 16, 1, 4, 6)
+        assert got["latents"].shape == (16, 2, 4, 6) and got["ref_vae"].shape == (1, 16, 4, 6)
         for name, tensor in direct.items():
             torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
         assert got["prompt"] == ds[index]["prompt"]
     batch = collate_cached_batch([cached[0], cached[1]])
-    assert batch["context"].shape[0] == 2 and batch["context_lens"].max() == batch["context"].shape[1]
-    assert batch["ref_clip"].shape[:2] == (2, 1)
+    enc = batch.encoded
+    assert enc.context.shape[0] == 2 and enc.context_lens.max() == enc.context.shape[1]
+    assert enc.ref_clip.shape[:2] == (2, 1) and enc.ref_vae.shape == (2, 1, 16, 4, 6)
+    assert batch.video is None and batch.ref_counts.tolist() == [1, 1]
 
 
 def test_resume_encodes_only_what_is_missing(demo_data, encoders, built, tmp_path):

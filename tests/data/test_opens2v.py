@@ -109,7 +109,7 @@ def test_collate_pads_subjects_with_white(demo_data):
     batch = collate_opens2v_batch([ds[i] for i in range(len(ds))])
     assert batch.video.shape == (len(ds), 3, 9, 64, 96)
     r = batch.subject_images.shape[1]
-    for b, n in enumerate(batch.subject_counts.tolist()):
+    for b, n in enumerate(batch.ref_counts.tolist()):
         if n < r:
             assert torch.all(batch.subject_images[b, n:] == 1.0)
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.opens2v import stack_for_transfer
+from data.batch import stack_for_transfer
 from data.video import empty_for_transfer, image_to_model, resize_cover, to_unit_range, video_to_model
 
 

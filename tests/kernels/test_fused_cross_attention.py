@@ -161,6 +161,7 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
 # ---- the whole tiny Wan model ------------------------------------------------------------
 def test_wan_model_with_reference_paths_same_output_and_gradients_as_sdpa(monkeypatch):
     import kernels.fused_cross_attention as fca
+    from model.conditioning import Conditioning
     from model.config import WAN_TINY, ReferencePathsConfig
     from model.wan import WanModel
 
@@ -177,14 +178,14 @@ def test_wan_model_with_reference_paths_same_output_and_gradients_as_sdpa(monkey
     x = torch.randn(B, 16, 1, 4, 6, generator=g).to(DEVICE)  # 1 x 2 x 3 = 6 tokens
     t = torch.tensor([100.0, 800.0], device=DEVICE)
     context = torch.randn(B, 7, WAN_TINY.text_dim, generator=g).to(DEVICE)  # padded to 512 text keys
-    ref_clip = torch.randn(B, 257, WAN_TINY.clip_dim, generator=g).to(DEVICE)
-    ref_vae = torch.randn(B, 16, 1, 3, 5, generator=g).to(DEVICE)  # 15 VAE keys, fused path 272
+    ref_clip = torch.randn(B, 1, 257, WAN_TINY.clip_dim, generator=g).to(DEVICE)  # [B, R, K, C]
+    ref_vae = torch.randn(B, 1, 16, 3, 5, generator=g).to(DEVICE)  # [B, R, 16, h, w]: 15 VAE keys, fused path 272
     ref_vae_lens = torch.tensor([15, 6], device=DEVICE)
     params = list(model.parameters())
     results = {}
     for backend in ("sdpa", "triton"):
         model.set_attn_backend(backend)
-        out = model(x, t, context, ref_clip=ref_clip, ref_vae=ref_vae, ref_vae_lens=ref_vae_lens)
+        out = model(x, t, Conditioning(context, ref_clip=ref_clip, ref_vae=ref_vae, ref_vae_lens=ref_vae_lens))
         results[backend] = (out, torch.autograd.grad(out.square().mean(), params))
     (out_s, grads_s), (out_t, grads_t) = results["sdpa"], results["triton"]
     assert sorted(launches) == [1] * WAN_TINY.num_layers + [4] * WAN_TINY.num_layers  # self-attn, 4-path cross

@@ -8,6 +8,7 @@ from model.causal import CausalConfig, CausalWanModel, frame_blocks
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
 from kernels.kv_cache_attention import visible_slots
 from model.kv_cache import KVCache
+from model.conditioning import Conditioning
 from model.wan import WanModel
 from tests.model.test_wan import randomize
 
@@ -63,14 +64,15 @@ def _inputs(cfg, f, b=2, seed=0):
     x = torch.randn(b, 16, f, H, W, generator=g)
     t = torch.rand(b, f, generator=g) * 1000
     ctx = torch.randn(b, 7, cfg.text_dim, generator=g)
-    cond = {}
+    cond = Conditioning(ctx)
     if cfg.model_type == "i2v":
-        cond.update(clip_fea=torch.randn(b, 257, cfg.clip_dim, generator=g), y=torch.randn(b, 20, f, H, W, generator=g))
+        cond = cond.replace(clip_fea=torch.randn(b, 257, cfg.clip_dim, generator=g),
+                            y=torch.randn(b, 20, f, H, W, generator=g))
     if cfg.reference_paths.vae:
-        cond.update(ref_vae=torch.randn(b, 16, 1, H, W, generator=g))
+        cond = cond.replace(ref_vae=torch.randn(b, 1, 16, H, W, generator=g))
     if cfg.reference_paths.clip:
-        cond.update(ref_clip=torch.randn(b, 5, cfg.clip_dim, generator=g))
-    return x, t, ctx, cond
+        cond = cond.replace(ref_clip=torch.randn(b, 1, 5, cfg.clip_dim, generator=g))
+    return x, t, cond
 
 
 CASES = {
@@ -88,10 +90,10 @@ def test_cached_block_by_block_equals_the_full_block_causal_forward(case):
     cfg, causal, f = CASES[case]
     torch.manual_seed(0)
     model = randomize(CausalWanModel(cfg, causal))
-    x, t, ctx, cond = _inputs(cfg, f)
-    full = model(x, t, ctx, **cond)
-    y = cond.pop("y", None)
-    cross = model.cross_attention_cache(ctx, **cond)
+    x, t, cond = _inputs(cfg, f)
+    full = model(x, t, cond)
+    y = cond.y
+    cross = model.cross_attention_cache(cond)
     caches = model.new_kv_caches(x.shape[0], frame_tokens=6, max_frames=f)
     outs = []
     for a, b in frame_blocks(f, causal):
@@ -105,25 +107,25 @@ def test_one_block_covering_all_frames_equals_wan_model():
     model = randomize(CausalWanModel(cfg, CausalConfig(num_frame_per_block=4)))
     wan = WanModel(cfg)
     wan.load_state_dict(model.state_dict())  # same keys, same shapes
-    x, t, ctx, cond = _inputs(cfg, 4)
-    torch.testing.assert_close(model(x, t, ctx, **cond), wan(x, t, ctx, **cond), rtol=1e-5, atol=1e-5)
+    x, t, cond = _inputs(cfg, 4)
+    torch.testing.assert_close(model(x, t, cond), wan(x, t, cond), rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_forcing_noisy_half_sees_clean_history_only():
     cfg, causal, f = WAN_TINY, CausalConfig(2), 4
     model = randomize(CausalWanModel(cfg, causal))
-    x, t, ctx, _ = _inputs(cfg, f)
+    x, t, cond = _inputs(cfg, f)
     clean = torch.randn_like(x)
-    out = model(x, t, ctx, clean_x=clean)
+    out = model(x, t, cond, clean_x=clean)
     assert out.shape == x.shape
     # changing the clean frames of the LAST block cannot affect any noisy output
     clean2 = clean.clone()
     clean2[:, :, 2:] += 5
-    torch.testing.assert_close(model(x, t, ctx, clean_x=clean2), out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x, t, cond, clean_x=clean2), out, rtol=0, atol=1e-6)
     # changing clean block 0 changes noisy block 1 but not noisy block 0
     clean3 = clean.clone()
     clean3[:, :, :2] += 5
-    moved = model(x, t, ctx, clean_x=clean3)
+    moved = model(x, t, cond, clean_x=clean3)
     torch.testing.assert_close(moved[:, :, :2], out[:, :, :2], rtol=0, atol=1e-6)
     assert (moved[:, :, 2:] - out[:, :, 2:]).abs().max() > 1e-3
 
@@ -131,13 +133,13 @@ def test_teacher_forcing_noisy_half_sees_clean_history_only():
 def test_recache_after_a_prompt_switch_matches_a_fresh_run_with_the_new_prompt():
     cfg, causal, f = WAN_TINY, CausalConfig(2, local_attn_size=4), 6
     model = randomize(CausalWanModel(cfg, causal))
-    x, t, ctx, _ = _inputs(cfg, f)
-    new_ctx = torch.randn_like(ctx)
+    x, t, cond = _inputs(cfg, f)
+    new_cond = Conditioning(torch.randn_like(cond.context))
     caches = model.new_kv_caches(2, 6, f)
-    old = model.cross_attention_cache(ctx)
+    old = model.cross_attention_cache(cond)
     for a, b in frame_blocks(4, causal):
         model.forward_block(x[:, :, a:b], torch.zeros(2), a, caches, old)
-    new = model.cross_attention_cache(new_ctx)
+    new = model.cross_attention_cache(new_cond)
     model.recache(x[:, :, 0:4], 0, caches, new, keep_sink=False)
     after = model.forward_block(x[:, :, 4:6], t[:, 4:6], 4, caches, new)
     fresh = model.new_kv_caches(2, 6, f)
@@ -156,12 +158,12 @@ def test_triton_backend_runs_the_causal_model_like_sdpa(case):
     KV-cache kernel (interpreter on CPU) equal the SDPA paths."""
     cfg, causal, f = CASES[case]
     model = randomize(CausalWanModel(cfg, causal))
-    x, t, ctx, cond = _inputs(cfg, f, b=1)
-    ref = model(x, t, ctx, **cond)
+    x, t, cond = _inputs(cfg, f, b=1)
+    ref = model(x, t, cond)
     model.set_attn_backend("triton")
-    torch.testing.assert_close(model(x, t, ctx, **cond), ref, rtol=1e-4, atol=1e-5)
-    y = cond.pop("y", None)
-    cross = model.cross_attention_cache(ctx, **cond)
+    torch.testing.assert_close(model(x, t, cond), ref, rtol=1e-4, atol=1e-5)
+    y = cond.y
+    cross = model.cross_attention_cache(cond)
     caches = model.new_kv_caches(1, frame_tokens=6, max_frames=f)
     blocks = frame_blocks(f, causal)
     with torch.no_grad():  # inference: the in-place forward-only kernel
@@ -170,7 +172,7 @@ def test_triton_backend_runs_the_causal_model_like_sdpa(case):
     torch.testing.assert_close(torch.cat(outs, dim=2), ref, rtol=1e-4, atol=1e-5)
     # with gradients (a Self-Forcing exit step) the triton backend still works through the cache
     caches = model.new_kv_caches(1, frame_tokens=6, max_frames=f)
-    cross = model.cross_attention_cache(ctx, **cond)
+    cross = model.cross_attention_cache(cond)
     outs = [model.forward_block(x[:, :, a:b], t[:, a:b], a, caches, cross, y=y[:, :, a:b] if y is not None else None)
             for a, b in blocks]
     torch.cat(outs, dim=2).square().mean().backward()
@@ -180,11 +182,21 @@ def test_triton_backend_runs_the_causal_model_like_sdpa(case):
 def test_activation_checkpointing_gives_the_same_gradients_under_the_causal_layout():
     cfg, causal, f = CASES["i2v-window"]
     model = randomize(CausalWanModel(cfg, causal)).train()
-    x, t, ctx, cond = _inputs(cfg, f, b=1)
-    model(x, t, ctx, **cond).square().mean().backward()
+    x, t, cond = _inputs(cfg, f, b=1)
+    model(x, t, cond).square().mean().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.gradient_checkpointing = True
-    model(x, t, ctx, **cond).square().mean().backward()
+    model(x, t, cond).square().mean().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_i2v_causal_model_names_a_missing_y():
+    cfg, causal, f = CASES["i2v-first-frame"]
+    model = CausalWanModel(cfg, causal)
+    x, t, cond = _inputs(cfg, f, b=1)
+    with pytest.raises(ValueError, match="`y` is required by an i2v model"):
+        model(x, t, cond.replace(y=None))
+    with pytest.raises(ValueError, match="`y` is required by an i2v model"):
+        model.forward_block(x[:, :, :1], t[:, :1], 0, model.new_kv_caches(1, 6, f), model.cross_attention_cache(cond))

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from model.conditioning import Conditioning
 from model.config import ConfigError, ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
 from model.wan import WanModel
 
@@ -9,12 +10,13 @@ REFS_ALL = ReferencePathsConfig(clip=True, vae=True, fused=True)
 
 
 def _inputs(b=2, k_clip=257, refs=2, cfg=WAN_TINY):
+    """x, t and the conditioning with `refs` references per sample (CLIP and VAE)."""
     g = torch.Generator().manual_seed(3)
-    return dict(
-        x=torch.randn(b, 16, 2, 4, 6, generator=g), t=torch.tensor([100.0, 700.0][:b]),
-        context=torch.randn(b, 9, cfg.text_dim, generator=g),
-        ref_clip=torch.randn(b, k_clip, cfg.clip_dim, generator=g),
-        ref_vae=torch.randn(b, 16, refs, 4, 6, generator=g))
+    x, t = torch.randn(b, 16, 2, 4, 6, generator=g), torch.tensor([100.0, 700.0][:b])
+    cond = Conditioning(torch.randn(b, 9, cfg.text_dim, generator=g),
+                        ref_clip=torch.randn(b, refs, k_clip, cfg.clip_dim, generator=g),
+                        ref_vae=torch.randn(b, refs, 16, 4, 6, generator=g))
+    return x, t, cond
 
 
 def _base_and_adapter(refs):
@@ -34,9 +36,9 @@ def _base_and_adapter(refs):
 def test_untrained_adapter_leaves_the_base_output_unchanged(refs):
     base, adapted, missing = _base_and_adapter(refs)
     assert missing and all(("proj" in k) or ("_img" in k) or ("_vae" in k) or ("_fused" in k) for k in missing)
-    inp = _inputs()
-    expected = base(inp["x"], inp["t"], inp["context"])
-    out = adapted(**inp)
+    x, t, cond = _inputs()
+    expected = base(x, t, Conditioning(cond.context))
+    out = adapted(x, t, cond)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
@@ -47,13 +49,12 @@ def test_each_path_has_its_own_softmax():
     with torch.no_grad():
         for blk in adapted.blocks:
             blk.cross_attn.v_vae.weight.normal_(0, 0.05)
-    inp = _inputs()
-    out = adapted(**inp)
-    inp2 = dict(inp, ref_vae=inp["ref_vae"] * 2)
-    assert (adapted(**inp2) - out).abs().max() > 1e-4
+    x, t, cond = _inputs()
+    out = adapted(x, t, cond)
+    assert (adapted(x, t, cond.replace(ref_vae=cond.ref_vae * 2)) - out).abs().max() > 1e-4
     # one block, one query: cross-attention output == text term + vae term, computed separately
     ca = adapted.blocks[0].cross_attn
-    ctx = adapted.embed_context(inp["context"], ref_vae=inp["ref_vae"])
+    ctx = adapted.embed_context(Conditioning(cond.context, ref_vae=cond.ref_vae))
     xq = torch.randn(2, 5, WAN_TINY.dim)
     from kernels.attention import KVPath, multi_path_attention_ref
     q = ca.norm_q(ca.q(xq)).unflatten(-1, (2, -1))
@@ -69,12 +70,12 @@ def test_per_sample_reference_lengths_mask_the_padding():
         for blk in adapted.blocks:
             blk.cross_attn.v_vae.weight.normal_(0, 0.05)
             blk.cross_attn.v_fused.weight.normal_(0, 0.05)
-    inp = _inputs(refs=2)
+    x, t, cond = _inputs(refs=2)
     lens = torch.tensor([24, 48])  # one token per latent position: 4 * 6 per reference image
-    out = adapted(**inp, ref_vae_lens=lens)
+    out = adapted(x, t, cond.replace(ref_vae_lens=lens))
     # sample 0 with only its first reference must equal the padded run for sample 0
-    single = adapted(inp["x"][:1], inp["t"][:1], inp["context"][:1], ref_clip=inp["ref_clip"][:1],
-                     ref_vae=inp["ref_vae"][:1, :, :1])
+    single = adapted(x[:1], t[:1], Conditioning(cond.context[:1], ref_clip=cond.ref_clip[:1],
+                                                ref_vae=cond.ref_vae[:1, :1]))
     torch.testing.assert_close(out[:1], single, rtol=1e-5, atol=1e-6)
 
 
@@ -84,9 +85,9 @@ def test_zero_length_reference_path_adds_nothing():
         for blk in adapted.blocks:
             blk.cross_attn.v_vae.weight.normal_(0, 0.05)
             blk.cross_attn.v_vae.bias.normal_(0, 0.05)
-    inp = _inputs()
-    out = adapted(**inp, ref_vae_lens=torch.tensor([0, 0]))
-    torch.testing.assert_close(out, base(inp["x"], inp["t"], inp["context"]), rtol=0, atol=1e-6)
+    x, t, cond = _inputs()
+    out = adapted(x, t, cond.replace(ref_vae_lens=torch.tensor([0, 0])))
+    torch.testing.assert_close(out, base(x, t, Conditioning(cond.context)), rtol=0, atol=1e-6)
 
 
 def test_gradients_reach_only_the_new_layers_when_the_base_is_frozen():
@@ -98,7 +99,7 @@ def test_gradients_reach_only_the_new_layers_when_the_base_is_frozen():
     before = {k: v.clone() for k, v in adapted.state_dict().items()}
     for _ in range(2):  # step 1 trains the zero value side; step 2 then reaches every new layer
         opt.zero_grad()
-        adapted(**_inputs()).square().mean().backward()
+        adapted(*_inputs()).square().mean().backward()
         opt.step()
     for name, p in adapted.named_parameters():
         if name in new:
@@ -114,9 +115,11 @@ def test_reference_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="reference_paths.clip"):
         WAN_TINY_I2V.replace(reference_paths=ReferencePathsConfig(clip=True))
     model = WanModel(WAN_TINY.replace(reference_paths=ReferencePathsConfig(vae=True)))
-    inp = _inputs()
+    x, t, cond = _inputs()
     with pytest.raises(ValueError, match="ref_vae"):
-        model(inp["x"], inp["t"], inp["context"])
+        model(x, t, Conditioning(cond.context))
+    with pytest.raises(ValueError, match=r"ref_vae.*\[B, R, 16, h, w\]"):  # the old [B, 16, R, h, w] is refused
+        Conditioning(cond.context, ref_vae=cond.ref_vae[:, 0])
 
 
 def test_i2v_model_gets_the_vae_reference_path_on_top():
@@ -125,9 +128,9 @@ def test_i2v_model_gets_the_vae_reference_path_on_top():
     assert torch.count_nonzero(model.blocks[0].cross_attn.v_img.weight) > 0  # official I2V path, not zeroed
     assert torch.count_nonzero(model.blocks[0].cross_attn.v_vae.weight) == 0
     b = 1
-    out = model(torch.randn(b, 16, 2, 4, 6), torch.tensor([5.0]), torch.randn(b, 3, cfg.text_dim),
-                clip_fea=torch.randn(b, 257, cfg.clip_dim), y=torch.randn(b, 20, 2, 4, 6),
-                ref_vae=torch.randn(b, 16, 4, 6))
+    out = model(torch.randn(b, 16, 2, 4, 6), torch.tensor([5.0]),
+                Conditioning(torch.randn(b, 3, cfg.text_dim), clip_fea=torch.randn(b, 257, cfg.clip_dim),
+                             y=torch.randn(b, 20, 2, 4, 6), ref_vae=torch.randn(b, 1, 16, 4, 6)))
     assert out.shape == (b, 16, 2, 4, 6)
 
 
@@ -139,11 +142,10 @@ def test_fewer_subjects_in_one_sample_equals_running_it_alone():
             for name in ("v_img", "v_vae", "v_fused"):
                 getattr(blk.cross_attn, name).weight.normal_(0, 0.05)
     k = 5
-    inp = _inputs(k_clip=2 * k, refs=2)  # two subjects: 2 x 5 CLIP tokens, 2 x 24 VAE tokens
-    out = adapted(**inp, ref_clip_lens=torch.tensor([k, 2 * k]), ref_vae_lens=torch.tensor([24, 48]))
-    alone = adapted(inp["x"][:1], inp["t"][:1], inp["context"][:1], ref_clip=inp["ref_clip"][:1, :k],
-                    ref_vae=inp["ref_vae"][:1, :, :1])
+    x, t, cond = _inputs(k_clip=k, refs=2)  # two subjects: 2 x 5 CLIP tokens, 2 x 24 VAE tokens
+    out = adapted(x, t, cond.replace(ref_clip_lens=torch.tensor([k, 2 * k]), ref_vae_lens=torch.tensor([24, 48])))
+    alone = adapted(x[:1], t[:1], Conditioning(cond.context[:1], ref_clip=cond.ref_clip[:1, :1],
+                                               ref_vae=cond.ref_vae[:1, :1]))
     torch.testing.assert_close(out[:1], alone, rtol=1e-5, atol=1e-6)
-    both = adapted(inp["x"][1:], inp["t"][1:], inp["context"][1:], ref_clip=inp["ref_clip"][1:],
-                   ref_vae=inp["ref_vae"][1:])
+    both = adapted(x[1:], t[1:], cond.select(slice(1, None)))
     torch.testing.assert_close(out[1:], both, rtol=1e-5, atol=1e-6)

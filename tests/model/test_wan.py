@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels.attention import AttentionBackend, multi_path_attention_ref, register_backend
+from model.conditioning import Conditioning
 from model.config import PRESETS, WAN_TINY, WAN_TINY_I2V
 from model.layers import rope_apply, rope_axis_dims, rope_table, sinusoidal_embedding_1d
 from model.wan import WanModel
@@ -55,9 +56,9 @@ def _inputs(cfg, b=2, f=3, h=6, w=8, dtype=torch.float32):
 def test_forward_fp32_matches_float64(cfg):
     model = randomize(WanModel(cfg))
     x, t, ctx, kw = _inputs(cfg)
-    out = model(x, t, ctx, **kw)
+    out = model(x, t, Conditioning(ctx, **kw))
     assert out.shape == x.shape and out.dtype == torch.float32
-    ref = model.double()(x.double(), t.double(), ctx.double(), **{k: v.double() for k, v in kw.items()})
+    ref = model.double()(x.double(), t.double(), Conditioning(ctx, **kw).to(dtype=torch.float64))
     assert ref.dtype == torch.float64
     torch.testing.assert_close(out.double(), ref, **FP32_VS_FP64)
     assert out.abs().mean() > 1e-2  # a non-trivial output, not a zero head
@@ -66,37 +67,37 @@ def test_forward_fp32_matches_float64(cfg):
 def test_per_frame_timesteps_equal_scalar_when_constant_and_differ_otherwise():
     model = randomize(WanModel(WAN_TINY))
     x, t, ctx, _ = _inputs(WAN_TINY)
-    out = model(x, t, ctx)
+    out = model(x, t, Conditioning(ctx))
     # equal up to fp32 reassociation ([B] vs [B*F] rows in the time-embedding matmuls)
-    torch.testing.assert_close(model(x, t[:, None].expand(-1, 3), ctx), out, rtol=1e-5, atol=1e-6)
-    varied = model(x, torch.stack([t, t, t + 100], dim=1), ctx)
+    torch.testing.assert_close(model(x, t[:, None].expand(-1, 3), Conditioning(ctx)), out, rtol=1e-5, atol=1e-6)
+    varied = model(x, torch.stack([t, t, t + 100], dim=1), Conditioning(ctx))
     assert (varied - out).abs().max() > 1e-3
     with pytest.raises(ValueError, match="per-frame timesteps"):
-        model(x, torch.zeros(2, 5), ctx)
+        model(x, torch.zeros(2, 5), Conditioning(ctx))
 
 
 def test_text_is_zero_padded_to_512_and_lens_zero_the_tail():
     model = randomize(WanModel(WAN_TINY))
     x, t, ctx, _ = _inputs(WAN_TINY)
     padded = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1]))
-    torch.testing.assert_close(model(x, t, ctx), model(x, t, padded), rtol=0, atol=0)
+    torch.testing.assert_close(model(x, t, Conditioning(ctx)), model(x, t, Conditioning(padded)), rtol=0, atol=0)
     lens = torch.tensor([4, 11])
     cut = ctx.clone()
     cut[0, 4:] = 0
-    torch.testing.assert_close(model(x, t, ctx, context_lens=lens), model(x, t, cut), rtol=0, atol=0)
+    torch.testing.assert_close(model(x, t, Conditioning(ctx, context_lens=lens)), model(x, t, Conditioning(cut)), rtol=0, atol=0)
     # The pads are attended (no mask, as upstream): appending explicit zero tokens is a no-op,
     # but the output depends on the pads through text_embedding's bias.
     with pytest.raises(ValueError, match="text_len"):
-        model(x, t, torch.zeros(2, 513, WAN_TINY.text_dim))
+        model(x, t, Conditioning(torch.zeros(2, 513, WAN_TINY.text_dim)))
 
 
 def test_i2v_requires_its_conditioning():
     model = WanModel(WAN_TINY_I2V)
     x, t, ctx, kw = _inputs(WAN_TINY_I2V)
     with pytest.raises(ValueError, match="`y` is required"):
-        model(x, t, ctx, clip_fea=kw["clip_fea"])
+        model(x, t, Conditioning(ctx, clip_fea=kw["clip_fea"]))
     with pytest.raises(ValueError, match="`clip_fea` is required"):
-        model(x, t, ctx, y=kw["y"])
+        model(x, t, Conditioning(ctx, y=kw["y"]))
 
 
 def _official_rope_f64(x, grid, head_dim):
@@ -170,9 +171,9 @@ def test_attention_backends_agree_on_the_whole_model():
     register_backend("reference", _ReferenceBackend)
     model = randomize(WanModel(WAN_TINY_I2V))
     x, t, ctx, kw = _inputs(WAN_TINY_I2V)
-    out_sdpa = model(x, t, ctx, **kw)
+    out_sdpa = model(x, t, Conditioning(ctx, **kw))
     model.set_attn_backend("reference")
-    torch.testing.assert_close(model(x, t, ctx, **kw), out_sdpa, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x, t, Conditioning(ctx, **kw)), out_sdpa, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_qk_norm_rope_extension_gives_the_same_model():
@@ -182,10 +183,46 @@ def test_fused_qk_norm_rope_extension_gives_the_same_model():
     fused = WanModel(cfg.replace(fused_qk_norm_rope=True))
     fused.load_state_dict(model.state_dict())
     x, t, ctx, _ = _inputs(cfg)
-    out = model(x, t, ctx)
-    out_fused = fused(x, t, ctx)
+    out = model(x, t, Conditioning(ctx))
+    out_fused = fused(x, t, Conditioning(ctx))
     torch.testing.assert_close(out_fused, out, rtol=1e-5, atol=1e-5)
     out_fused.square().mean().backward()
-    model(x, t, ctx).square().mean().backward()
+    model(x, t, Conditioning(ctx)).square().mean().backward()
     g, gf = model.blocks[0].self_attn.norm_q.weight.grad, fused.blocks[0].self_attn.norm_q.weight.grad
     torch.testing.assert_close(gf, g, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_backend_is_resolved_once_at_build_and_survives_pickle_and_deepcopy(monkeypatch):
+    import copy
+    import pickle
+
+    from kernels.attention import AttentionBackendUnavailable
+    register_backend("reference", _ReferenceBackend)
+    monkeypatch.setenv("WANSPEED_ATTN_BACKEND", "reference")
+    model = randomize(WanModel(WAN_TINY_I2V))  # no name in the config: the variable, read now
+    monkeypatch.setenv("WANSPEED_ATTN_BACKEND", "no-such-backend")  # not re-read by the forward
+    x, t, ctx, kw = _inputs(WAN_TINY_I2V)
+    out = model(x, t, Conditioning(ctx, **kw))
+    attn = [m for m in model.modules() if hasattr(m, "backend")]
+    assert len(attn) == 2 * WAN_TINY_I2V.num_layers and {m.backend.name for m in attn} == {"reference"}
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert {m.backend.name for m in clone.modules() if hasattr(m, "backend")} == {"reference"}
+        torch.testing.assert_close(clone(x, t, Conditioning(ctx, **kw)), out, rtol=0, atol=0)
+    with pytest.raises(AttentionBackendUnavailable, match="no-such-backend"):
+        WanModel(WAN_TINY)  # an unusable backend fails when the model is built, not mid-forward
+    with pytest.raises(AttentionBackendUnavailable, match="nope"):
+        model.set_attn_backend("nope")
+
+
+def test_rope_table_is_cached_and_a_caller_cannot_corrupt_the_cache():
+    fresh = [t.clone() for t in rope_table(32, (2, 3, 4), start_frame=1)]
+    cos, sin = rope_table(32, (2, 3, 4), start_frame=1)
+    again = rope_table(32, (2, 3, 4), start_frame=1)
+    assert again[0] is cos and again[1] is sin  # cached: no float64 rebuild per forward
+    assert rope_table(32, (2, 3, 4), start_frame=2)[0] is not cos  # start_frame is part of the key
+    cos.zero_()  # a caller writing into the shared table ...
+    sin[0].fill_(5.0)  # ... or into a view of it
+    cos2, sin2 = rope_table(32, (2, 3, 4), start_frame=1)  # ... gets a rebuilt, correct entry
+    assert cos2 is not cos
+    torch.testing.assert_close(cos2, fresh[0], rtol=0, atol=0)
+    torch.testing.assert_close(sin2, fresh[1], rtol=0, atol=0)
