@@ -9,6 +9,7 @@ from data.opens2v import MultiPartOpenS2VAdapterDataset
 from model.encoders.bundle import load_frozen_encoders, write_tiny_encoders
 
 SMALL = dict(num_training_frames=2, height=32, width=48)
+CLOSE = dict(rtol=1e-5, atol=1e-5)  # one sample vs a batch of two through the same encoders
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,46 @@ def test_key_changes_with_encoder_weights_and_resolution(demo_data, encoders, tm
 def test_empty_cache_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no cached samples"):
         CachedOpenS2VDataset(tmp_path)
+
+
+def test_a_cache_of_the_old_format_is_an_error_naming_its_manifest(built, tmp_path):
+    import json
+    from data.cache import CacheFormatError
+    shutil.copytree(built[0], tmp_path, dirs_exist_ok=True)
+    manifest = tmp_path / "manifest-r1.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0].pop("format")  # what format 1 wrote: no version, ref_vae [R, 16, 1, hr, wr]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CacheFormatError, match=r"manifest-r1\.jsonl:1: cache format 1, this version reads format 2"):
+        CachedOpenS2VDataset(tmp_path)
+
+
+def test_raw_and_cached_batches_give_the_model_the_same_inputs(demo_data, encoders, tmp_path):
+    """One adapter path: the same samples raw (encoders run) and from the cache (no encoder)
+    reach the model as the same Conditioning (up to batch-size-dependent float reassociation in
+    the encoders: the cache encodes one sample at a time), with per-sample reference counts (2
+    subjects at most: cached batches are padded like raw ones)."""
+    from data.opens2v import collate_opens2v_batch, create_opens2v_dataloader
+    from ds_trainer.flow_step import inputs_from_batch
+    ds = MultiPartOpenS2VAdapterDataset(demo_data.json_paths, demo_data.video_base_paths, None,
+                                        max_subjects_per_sample=2, **SMALL)
+    build_cache(ds, encoders, tmp_path, shard_size=3)
+    cached = CachedOpenS2VDataset(tmp_path)
+    order = [row["index"] for row in cached.rows]
+    raw_batches = [collate_opens2v_batch([ds[order[i]], ds[order[i + 1]]]) for i in range(0, len(order), 2)]
+    cached_batches = list(create_opens2v_dataloader(cached, batch_size=2, num_workers=0))
+    assert {tuple(b.ref_counts.tolist()) for b in raw_batches} - {(1, 1), (2, 2)}, "mixed subject counts"
+    cpu = torch.device("cpu")
+    for raw, cache in zip(raw_batches, cached_batches):
+        assert cache.prompts == raw.prompts and torch.equal(cache.ref_counts, raw.ref_counts)
+        a, b = inputs_from_batch(raw, encoders, cpu, True), inputs_from_batch(cache, None, cpu, True)
+        torch.testing.assert_close(b.latents, a.latents, **CLOSE)
+        for name in ("context_lens", "ref_vae_lens", "ref_clip_lens"):
+            assert torch.equal(getattr(b.cond, name), getattr(a.cond, name)), name
+        n = int(a.cond.context_lens.max())
+        torch.testing.assert_close(b.cond.context[:, :n], a.cond.context[:, :n], **CLOSE)
+        for i, r in enumerate(raw.ref_counts.tolist()):  # real references equal; padding is masked
+            torch.testing.assert_close(b.cond.ref_vae[i, :r], a.cond.ref_vae[i, :r], **CLOSE)
+            torch.testing.assert_close(b.cond.ref_clip[i, :r], a.cond.ref_clip[i, :r], **CLOSE)
+    with pytest.raises(ValueError, match="needs the frozen encoders"):
+        inputs_from_batch(raw_batches[0], None, cpu, True)
