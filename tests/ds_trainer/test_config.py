@@ -127,8 +127,8 @@ def test_set_overrides_are_checked_like_the_file(tmp_path):
     assert load_train_config(path, {"opens2v.sample_stride": 2}).opens2v.sample_stride == 2
     with pytest.raises(ConfigError, match="opens2v.subject_selection"):
         load_train_config(path, {"opens2v.subject_selection": "frist"})
-    with pytest.raises(ConfigError, match="lr is not a section"):
-        load_train_config(path, {"lr.b.c": 1})
+    with pytest.raises(ConfigError, match="cache_dir is not a section"):
+        load_train_config(path, {"cache_dir.b.c": 1})
 
 
 def test_wan_config_json_loads_through_the_same_path(tmp_path):

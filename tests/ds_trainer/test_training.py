@@ -77,7 +77,7 @@ def test_zero2_zero3_and_offload_give_the_same_losses(demo_config, tmp_path):
 
 
 def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(demo_config, tmp_path):
-    sets = FAST + ("max_iters=12", "log_iters=4")
+    sets = FAST + ("max_iters=12", "log_iters=4", "keep_last_checkpoints=3")
     full = finished(launch(demo_config, tmp_path / "full", sets=sets))
     assert full["step"] == 12
     victim = launch(demo_config, tmp_path / "killed", sets=sets, wait=False)
@@ -124,7 +124,7 @@ def _check_resume_refusals(demo_config, logdir: Path, good: Path) -> None:
     with pytest.raises(checkpointing.IncompatibleCheckpoint, match="world_size=2, zero_stage=3; this run has "
                                                                    "world_size=1, zero_stage=3"):
         AdapterTrainer.find_resumable(logdir, cfg, {"world_size": 1, "zero_stage": 3})
-    refused = launch(demo_config, logdir, zero="2", sets=FAST + ("max_iters=12", "log_iters=4"))
+    refused = launch(demo_config, logdir, zero="2", sets=FAST + ("max_iters=12", "log_iters=4", "keep_last_checkpoints=3"))
     assert refused.returncode != 0 and "zero_stage=3; this run has world_size=2, zero_stage=2" in refused.output
     older = [c for c in AdapterTrainer.list_checkpoints(logdir) if c.name < good.name]
     assert older, "the test needs two intact checkpoints"
