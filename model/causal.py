@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 
 from kernels.block_causal_layout import BlockCausalLayout
+from model.conditioning import Conditioning
 from model.config import WanConfig
 from model.kv_cache import KVCache, make_caches
-from model.conditioning import Conditioning
 from model.layers import rope_table
 from model.wan import CrossContext, WanModel, require
 
