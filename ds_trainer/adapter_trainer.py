@@ -71,6 +71,9 @@ class AdapterTrainer(Trainer):
     def batch_inputs(self, batch):
         return inputs_from_batch(batch, self.encoders, self.device, self.model.config.reference_paths.clip)
 
+    def describe_batch(self, batch) -> str:
+        return "samples " + ", ".join(map(str, batch.keys))
+
     def compute_loss(self, batch, micro: int) -> torch.Tensor:
         gen = step_generator(self.cfg.seed, self.step, micro, self.rank)
         return flow_matching_loss(self.engine, self.batch_inputs(batch), self.scheduler, gen)

@@ -92,6 +92,10 @@ class Trainer:
         """The loss of one micro-batch on this rank (single-engine jobs)."""
         raise NotImplementedError
 
+    def describe_batch(self, batch) -> str:
+        """Which samples a batch holds, for messages (e.g. the clip keys)."""
+        return "this batch"
+
     def write_exports(self, tmp: Path) -> None:
         """Write the job's own checkpoint files into `tmp` (every rank calls it; rank 0 writes)."""
 
@@ -180,7 +184,11 @@ class Trainer:
         """Forward + backward of one micro-batch; its metrics, or None when the loss was
         non-finite on any rank (then no rank runs backward: the batch is skipped everywhere)."""
         loss = self.compute_loss(batch, micro)
-        if any_rank(not torch.isfinite(loss).item()):
+        finite = bool(torch.isfinite(loss).item())
+        if not finite:
+            log.warning("rank %d: non-finite loss (%s) at step %d, micro-batch %d, on %s", self.rank, loss.item(),
+                        self.step, micro, self.describe_batch(batch))
+        if any_rank(not finite):
             return None
         self.engine.backward(loss)
         self.engine.step()

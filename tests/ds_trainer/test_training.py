@@ -184,10 +184,12 @@ def test_one_rank_killed_ends_the_run_without_a_hang_and_keeps_its_checkpoints(d
 
 
 def test_nonfinite_loss_on_one_rank_skips_everywhere_and_too_many_stop(demo_config, tmp_path):
-    ok = launch(demo_config, tmp_path / "nan", sets=FAST + ("max_iters=4", "log_iters=100"),
+    # batch 3 on 2 ranks over 4 clips: an epoch smaller than world x batch (this used to spin forever)
+    ok = launch(demo_config, tmp_path / "nan", sets=FAST + ("max_iters=4", "log_iters=100", "batch_size=3"),
                 env={"NAN_AT": "1:2"}, module=NAN_MODULE)
     summary = finished(ok)
     assert summary == {"step": 4, "skipped_samples": 0, "nonfinite_losses": 1}
+    assert "rank 1: non-finite loss (nan) at step 2, micro-batch 0, on samples " in ok.output  # names the clips
     stop = launch(demo_config, tmp_path / "stop", sets=FAST + ("max_iters=4", "max_consecutive_nonfinite=2"),
                   env={"NAN_AT": "0:1+"}, module=NAN_MODULE)
     assert stop.returncode != 0 and "non-finite losses in a row" in stop.output
