@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.checkpoint import CheckpointError, load_wan_model, save_diffusers_dir
+from model.conditioning import Conditioning
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
 from model.wan import WanModel
 
@@ -63,7 +64,7 @@ def test_every_format_round_trips(fmt, tiny_i2v, tmp_path):
         assert report.entry == "generator" and report.dropped_prefix == "model."
     x = torch.randn(1, 16, 2, 4, 4)
     kw = dict(clip_fea=torch.randn(1, 257, 40), y=torch.randn(1, 20, 2, 4, 4))
-    torch.testing.assert_close(loaded(x, torch.tensor([3.0]), torch.randn(1, 5, 48), **kw).shape, x.shape)
+    torch.testing.assert_close(loaded(x, torch.tensor([3.0]), Conditioning(torch.randn(1, 5, 48), **kw)).shape, x.shape)
 
 
 def test_diffusers_config_json_drives_the_architecture(tiny_i2v, tmp_path):
