@@ -16,13 +16,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.skips import BadSample
+from model.config import VAE_STRIDE
 
 
 def pixel_frames(latent_frames: int) -> int:
-    """Pixel frames for a number of Wan latent frames: 4 (n - 1) + 1 (21 -> 81)."""
+    """Pixel frames for a number of Wan latent frames: 4 (n - 1) + 1 (21 -> 81), the VAE's
+    temporal stride (the first frame is encoded on its own)."""
     if latent_frames < 1:
         raise ValueError(f"num_training_frames must be >= 1, got {latent_frames}")
-    return 4 * (latent_frames - 1) + 1
+    return VAE_STRIDE[0] * (latent_frames - 1) + 1
 
 
 def sample_frame_indices(start: int, end: int, num: int, stride: int, rng: np.random.Generator) -> np.ndarray:

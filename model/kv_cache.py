@@ -20,7 +20,7 @@ import torch
 class CacheView:
     """What a query block may attend to, read in place: k/v[:, :sink_len] plus `window_len` ring
     tokens starting at buffer index `window_start`, wrapping from the end of the buffer back to
-    `sink_len` (kernels.kv_cache_attention.visible_slots lists them)."""
+    `sink_len` (kernels.attention_types.visible_slots lists them)."""
 
     k: torch.Tensor
     v: torch.Tensor

@@ -81,3 +81,10 @@ def test_the_wanspeed_console_script_runs_the_dispatcher():
     out = subprocess.run([script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "make-demo-data" in out.stdout, out.stderr
     assert "ds_trainer.commands" in Path(script).read_text()
+
+
+def test_constants_kernels_cannot_import_equal_model_configs():
+    """kernels/ imports nothing of ours, so its benchmarks restate two token counts: keep them equal."""
+    from kernels.bench import fused_cross_attention as bench
+    from model import config
+    assert (bench.T5_TOKENS, bench.CLIP_TOKENS) == (config.T5_TOKENS, config.CLIP_TOKENS)

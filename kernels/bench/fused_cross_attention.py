@@ -33,7 +33,7 @@ from kernels.bench.harness import SDPA_BACKENDS, Case, Row, measure
 KERNEL = "fused_cross_attention"
 OURS = "triton-fused"
 BWD_FLOPS_FACTOR = 2.5        # backward FLOPs / forward FLOPs (tutorial convention)
-T5_TOKENS, CLIP_TOKENS = 512, 257
+T5_TOKENS, CLIP_TOKENS = 512, 257  # model.config's (kernels/ imports nothing of ours; a test keeps them equal)
 VAE_REF_TOKENS = 1560         # one 480x832 reference image: latent 60x104, patch (2, 2)
 WAN_TOKENS = 32760            # 81 frames at 480x832: 21 latent frames x 30 x 52
 

@@ -6,7 +6,7 @@ import torch
 from kernels.block_causal_layout import block_causal_mask
 from model.causal import CausalConfig, CausalWanModel, frame_blocks
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
-from kernels.kv_cache_attention import visible_slots
+from kernels.attention_types import visible_slots
 from model.kv_cache import KVCache
 from model.conditioning import Conditioning
 from model.wan import WanModel

@@ -7,7 +7,7 @@ from model.conditioning import Conditioning
 from model.config import PRESETS, WAN_TINY, WAN_TINY_I2V
 from model.layers import rope_apply, rope_axis_dims, rope_table, sinusoidal_embedding_1d
 from model.wan import WanModel
-from tests.conftest import FP32_VS_FP64
+from tests.kernels.tolerance import FP32_VS_FP64
 from tests.model.official_keys import official_wan_keys
 
 

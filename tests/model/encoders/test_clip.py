@@ -16,7 +16,7 @@ from model.encoders.clip import (
     preprocess_images,
     tiny_clip_config,
 )
-from tests.conftest import FP32_VS_FP64
+from tests.kernels.tolerance import FP32_VS_FP64
 from tests.model.encoders.official_layouts import wan_clip_state_dict
 
 HEADS, LAYERS, PATCH, SIZE = 4, 3, 14, 28  # as in tiny_clip_config()

@@ -17,7 +17,7 @@ from model.encoders.t5 import (
     tiny_umt5_config,
     umt5_config,
 )
-from tests.conftest import FP32_VS_FP64
+from tests.kernels.tolerance import FP32_VS_FP64
 from tests.model.encoders.official_layouts import wan_t5_state_dict
 
 VOCAB = 64  # >= the tiny tokenizer's 40 pieces
