@@ -21,3 +21,28 @@ def encode_batch(encoders, batch: OpenS2VBatch, clip: bool) -> EncodedInputs:
     ref_clip = encoders.clip.encode(images).float().unflatten(0, (b, r)) if clip else None
     context, lens = encoders.t5.encode(batch.prompts)
     return EncodedInputs(latents, context.float(), lens.to(context.device), ref_vae, ref_clip)
+
+
+@torch.no_grad()
+def encode_i2v(encoders, images: torch.Tensor, prompts: list[str], latent_frames: int):
+    """Wan I2V conditioning of first frames (Wan's image2video.py): T5 context, CLIP tokens of the
+    image (`clip_fea` [B, 257, C], batch axis kept: the I2V seed's §2.4), and `y` [B, 20, F, h, w]
+    = [mask 4 | VAE latent of the image followed by black frames 16], the mask 1 on latent frame 0.
+    images [B, 3, H, W] in [-1, 1]. Returns (Conditioning, first-frame latent [B, 16, 1, h, w]);
+    the VAE is causal in time, so frame 0 of `y`'s latent is the image's own latent."""
+    from data.video import pixel_frames  # noqa: PLC0415
+    from model.conditioning import Conditioning  # noqa: PLC0415
+
+    vae = encoders.vae
+    dev = vae.model.device
+    b, _, h, w = images.shape
+    images = images.to(dev, vae.dtype)
+    video = torch.cat([images[:, :, None], images.new_zeros(b, 3, pixel_frames(latent_frames) - 1, h, w)], dim=2)
+    latent = vae.encode(video).float()  # [B, 16, F, h, w]
+    mask = torch.zeros(b, 4, *latent.shape[2:], device=latent.device)
+    mask[:, :, 0] = 1.0
+    context, lens = encoders.t5.encode(prompts)
+    clip_fea = encoders.clip.encode(images).float()
+    cond = Conditioning(context=context.float(), context_lens=lens.to(context.device), clip_fea=clip_fea,
+                        y=torch.cat([mask, latent], dim=1))
+    return cond, latent[:, :, :1]

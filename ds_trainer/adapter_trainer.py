@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 class AdapterTrainer(Trainer):
     name = "opens2v-adapters"
     checkpoint_prefix = "checkpoint_opens2v_"
+    weights_file = "model.pt"
     cfg: TrainConfig
 
     def build_models(self) -> None:
@@ -104,14 +105,6 @@ class AdapterTrainer(Trainer):
             (tmp / "lora").mkdir()
             save_file(_lora_state(self.model, weights), str(tmp / "lora" / "adapter_model.safetensors"))
             self.model.peft_config["default"].save_pretrained(str(tmp / "lora"))
-
-    @classmethod
-    def check_exports(cls, checkpoint: Path) -> Optional[str]:
-        try:
-            torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # a corrupt zip / pickle
-            return f"model.pt unreadable ({exc})"
-        return None
 
     def finish(self) -> None:
         if self.cfg.export_full:

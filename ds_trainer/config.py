@@ -25,6 +25,7 @@ ZERO_CHOICES = ("2", "3", "3-offload")
 DEFAULT_JOB = "opens2v-adapters"
 JOBS: dict[str, tuple[str, str]] = {
     DEFAULT_JOB: ("ds_trainer.config:TrainConfig", "ds_trainer.adapter_trainer:AdapterTrainer"),
+    "dmd": ("ds_trainer.dmd_config:DMDConfig", "ds_trainer.dmd_trainer:DMDTrainer"),
 }
 """job name -> (its config class, its Trainer subclass), as "module:attribute" (imported when used)."""
 

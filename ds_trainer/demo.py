@@ -49,6 +49,24 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
     return config
 
 
+def prepare_dmd(root: Path, clips: int = 4, seed: int = 0) -> Path:
+    """The demo's data and encoders plus a tiny I2V base (generator start and teacher); returns the
+    resolved configs/tiny_i2v_dmd.yaml."""
+    from model.checkpoint import save_diffusers_dir  # noqa: PLC0415
+    from model.config import WAN_TINY_I2V  # noqa: PLC0415
+    from model.wan import WanModel  # noqa: PLC0415
+
+    prepare(root, clips=clips, seed=seed)
+    if not (root / "base_i2v").exists():
+        torch.manual_seed(seed + 1)
+        base = WanModel(WAN_TINY_I2V)
+        torch.nn.init.normal_(base.head.head.weight, std=WAN_TINY_I2V.dim ** -0.5)  # a teacher that says something
+        save_diffusers_dir(base, WAN_TINY_I2V, root / "base_i2v")
+    config = root / "tiny_i2v_dmd.yaml"
+    config.write_text((configs_dir() / "tiny_i2v_dmd.yaml").read_text().replace("@DEMO@", str(root.resolve())))
+    return config
+
+
 def launch_training(config: Path, logdir: Path, ranks: int, zero: str, extra: list[str] = ()) -> None:
     """`deepspeed --num_gpus N --module ds_trainer.train` on CPU (gloo), as a user would run it."""
     from ds_trainer.distributed import free_port  # noqa: PLC0415  (imports deepspeed)

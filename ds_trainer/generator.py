@@ -10,23 +10,36 @@ import torch
 from ds_trainer.distributed import broadcast_object, process_rank
 from ds_trainer.ds_config import zero_stage
 from ds_trainer.engine import param_shape
-from model.checkpoint import CheckpointError, check_state_dict, load_wan_model, read_checkpoint, strip_wrapper_prefix
+from model.causal import CausalConfig, CausalWanModel
+from model.checkpoint import (CheckpointError, check_state_dict, load_state_dict_assign, load_wan_model, read_checkpoint,
+                              strip_wrapper_prefix)
 from model.config import WanConfig
 from model.wan import WanModel, init_module_seeded
 
 
 def build_wan(cfg: WanConfig, ds_config: dict, checkpoint: Optional[str], device: torch.device,
-              dtype: torch.dtype = torch.float32) -> WanModel:
-    """The generator, partitioned as it is built under ZeRO-3, with the base weights loaded."""
+              dtype: torch.dtype = torch.float32, causal: Optional[CausalConfig] = None) -> WanModel:
+    """A Wan role (a `CausalWanModel` with `causal`: same keys), partitioned as it is built under
+    ZeRO-3, with the base weights loaded."""
+    def build() -> WanModel:
+        return CausalWanModel(cfg, causal) if causal is not None else WanModel(cfg)
+
     if zero_stage(ds_config) == 3:
         # dtype comes from the DeepSpeed config (bf16 on GPU, fp32 on CPU): passing dtype= here
         # gave bf16 partitions even for torch.float32 (deepspeed 0.19.8 on CPU).
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None):
-            model = WanModel(cfg)
+            model = build()
         fill_partitioned(model, checkpoint)
         return model
+    if checkpoint is not None and causal is not None:
+        sd, _, _ = read_checkpoint(checkpoint)
+        sd, _ = strip_wrapper_prefix(sd)
+        with torch.device("meta"):
+            model = build()
+        load_state_dict_assign(model, sd, str(checkpoint), dtype=dtype, device=device)
+        return model
     if checkpoint is None:
-        model = WanModel(cfg)
+        model = build()
         seed = torch.initial_seed()
         for name, module in model.named_modules():  # same per-module init as the ZeRO-3 path
             if any(True for _ in module.parameters(recurse=False)):

@@ -43,8 +43,9 @@ class MetricsLogger:
     """Rank 0 only: appends metrics to `metrics.jsonl`, mirrors them to wandb, drives the bar."""
 
     def __init__(self, logdir: Path, rank: int, total_steps: int, start_step: int, wandb_cfg, disable_wandb: bool,
-                 run_config: dict[str, Any]):
-        self.rank, self.path = rank, Path(logdir) / "metrics.jsonl"
+                 run_config: dict[str, Any], headline: str = "loss"):
+        """headline: the metric the progress bar shows."""
+        self.rank, self.path, self.headline = rank, Path(logdir) / "metrics.jsonl", headline
         self.wandb, self.bar = None, None
         if rank != 0:
             return
@@ -85,7 +86,8 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
             self.bar.update(1)
-            postfix = dict(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.2f}")
+            postfix = {self.headline: f"{metrics[self.headline]:.4f}"} if self.headline in metrics else {}
+            postfix["sps"] = f"{metrics['samples_per_s']:.2f}"
             if "data_wait_s" in metrics:  # share of the step spent waiting for the DataLoader
                 postfix["data"] = f"{metrics['data_wait_s'] / max(metrics['step_time_s'], 1e-9):.0%}"
             self.bar.set_postfix(**postfix)

@@ -45,6 +45,10 @@ class Trainer:
     """The job's name: the config's `job:` value, recorded in every checkpoint's compatibility key."""
     checkpoint_prefix: ClassVar[str] = ""
     """Checkpoint directories are `<logdir>/<checkpoint_prefix>{step:06d}`."""
+    weights_file: ClassVar[Optional[str]] = None
+    """The torch file of trained weights the job exports in each checkpoint (checked on resume)."""
+    headline_metric: ClassVar[str] = "loss"
+    """The metric of `train_step` the progress bar shows."""
 
     def __init__(self, cfg: RunConfig, logdir: str | Path, auto_resume: bool = True):
         self.cfg, self.logdir = cfg, Path(logdir)
@@ -68,7 +72,7 @@ class Trainer:
             self.resume()
         self.write_run_files()
         self.metrics = MetricsLogger(self.logdir, self.rank, cfg.max_iters, self.step, cfg.wandb, cfg.disable_wandb,
-                                     cfg.to_dict())
+                                     cfg.to_dict(), headline=self.headline_metric)
 
     # ----------------------------------------------------------------- what a job defines
     def build_models(self) -> None:
@@ -92,6 +96,10 @@ class Trainer:
         """The loss of one micro-batch on this rank (single-engine jobs)."""
         raise NotImplementedError
 
+    def roles_stepped(self) -> list[str]:
+        """The roles whose optimizer stepped in the last step (their lr and grad norm are logged)."""
+        return list(self.engines)
+
     def describe_batch(self, batch) -> str:
         """Which samples a batch holds, for messages (e.g. the clip keys)."""
         return "this batch"
@@ -102,6 +110,12 @@ class Trainer:
     @classmethod
     def check_exports(cls, checkpoint: Path) -> Optional[str]:
         """None if the job's own files in a checkpoint are readable, else why not."""
+        if cls.weights_file is None:
+            return None
+        try:
+            torch.load(checkpoint / cls.weights_file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # a corrupt zip / pickle
+            return f"{cls.weights_file} unreadable ({exc})"
         return None
 
     @classmethod
@@ -241,7 +255,8 @@ class Trainer:
         the bottleneck when it is a large share of step_time_s: raise num_workers or use the cache)."""
         means = {k: all_reduce_scalar(sum(r[k] for r in rows) / len(rows)) / self.world for k in rows[0]}
         samples = self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.world
-        for role, engine in self.engines.items():
+        for role in self.roles_stepped():
+            engine = self.engines[role]
             suffix = "" if len(self.engines) == 1 else f"_{role}"
             grad_norm = engine.get_global_grad_norm()
             means[f"lr{suffix}"] = engine.get_lr()[0]

@@ -50,6 +50,17 @@ def frame_blocks(num_frames: int, cfg: CausalConfig) -> list[tuple[int, int]]:
     return blocks + [(first + i * n, first + (i + 1) * n) for i in range(rest // n)]
 
 
+@dataclass
+class BlockStep:
+    """What `CausalWanModel.forward(x, t, block=...)` needs to run one block through the caches
+    (so a DeepSpeed engine's forward, with its ZeRO-3 hooks, serves the rollout too)."""
+
+    start_frame: int
+    kv_caches: list
+    cross_cache: tuple
+    y: Optional[torch.Tensor] = None
+
+
 class CausalWanModel(WanModel):
     """WanModel with block-causal attention; see the module docstring."""
 
@@ -69,11 +80,16 @@ class CausalWanModel(WanModel):
                                  local, c.sink_size, teacher_forcing)
 
     # ---------------------------------------------------------------------------- training
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, clean_x: Optional[torch.Tensor] = None,
-                clean_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[Conditioning] = None,
+                clean_x: Optional[torch.Tensor] = None, clean_t: Optional[torch.Tensor] = None, *,
+                block: Optional[BlockStep] = None) -> torch.Tensor:
         """All frames at once under the block-causal mask. x: [B, C, F, H, W]; t: [B, F] (or [B]).
         With `clean_x` (teacher forcing) the sequence is [clean | noisy] with the same RoPE on both
-        halves and clean timesteps `clean_t` (default 0); only the noisy half is returned."""
+        halves and clean timesteps `clean_t` (default 0); only the noisy half is returned.
+        With `block`, one block through the KV cache instead (`forward_block`)."""
+        if block is not None:
+            return self.forward_block(x, t, block.start_frame, block.kv_caches, block.cross_cache, block.y)
+        cond = require(cond, "cond", "a full-sequence forward")
         if self.config.model_type == "i2v":
             y = require(cond.y, "y", "an i2v model")
             x = torch.cat([x, y.to(x.dtype)], dim=1)

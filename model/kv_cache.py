@@ -10,8 +10,9 @@ Global attention (no local window) is the special case R = all tokens of the vid
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -41,6 +42,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.total = 0
+        self.lookahead = False
+        """In lookahead mode (`lookahead(caches)`), `attend` leaves the cache as it is."""
 
     @property
     def capacity(self) -> int:
@@ -69,6 +72,31 @@ class KVCache:
             done += n
         self.total += t
 
+    def attend(self, k: torch.Tensor, v: torch.Tensor) -> CacheView:
+        """What a block with keys / values k, v [B, T, N, D] attends to: the cache after appending
+        them. Written in place normally; in lookahead mode the cache is left as it is and the view
+        is a fresh tensor (so a denoising step can run, with gradients, and be done again)."""
+        if self.lookahead:
+            return self.peek(k, v)
+        self.write(k.to(self.k.dtype), v.to(self.v.dtype))
+        return self.view()
+
+    def peek(self, k: torch.Tensor, v: torch.Tensor) -> CacheView:
+        """The tokens `write(k, v); view()` would make visible, gathered into new tensors (keys in
+        any order: attention does not depend on it) without touching the cache."""
+        t, end = k.shape[1], self.total + k.shape[1]
+        if t > self.ring + max(0, self.sink - self.total):
+            raise ValueError(f"a block of {t} tokens does not fit the cache (ring {self.ring}, sink {self.sink})")
+        device = self.k.device
+        positions = torch.cat([torch.arange(0, min(end, self.sink), device=device),
+                               torch.arange(max(self.sink, end - self.ring), end, device=device)])
+        old = positions[positions < self.total]
+        slots = torch.where(old < self.sink, old, self.sink + (old - self.sink) % self.ring)
+        first_new = int(positions[positions >= self.total][0]) - self.total if t else 0
+        k_all = torch.cat([self.k.index_select(1, slots).to(k.dtype), k[:, first_new:]], dim=1)
+        v_all = torch.cat([self.v.index_select(1, slots).to(v.dtype), v[:, first_new:]], dim=1)
+        return CacheView(k_all, v_all, 0, 0, k_all.shape[1])
+
     def view(self) -> CacheView:
         """The visible tokens: the sink plus the most recent min(total - S, R) tokens."""
         sink_len = min(self.total, self.sink)
@@ -93,3 +121,17 @@ def make_caches(num_layers: int, batch: int, frame_tokens: int, heads: int, head
             raise ValueError(f"a block of {block_frames} frames does not fit local_attn_size {local_frames} "
                              f"minus sink_size {sink_frames}")
     return [KVCache(batch, sink, ring, heads, head_dim, device, dtype) for _ in range(num_layers)]
+
+
+@contextlib.contextmanager
+def lookahead(caches: Sequence[KVCache]) -> Iterator[None]:
+    """Inside, forwards through `caches` read them but write nothing: the denoising steps of a
+    block before the clean pass that commits it (Self-Forcing's training rollout)."""
+    before = [c.lookahead for c in caches]
+    for c in caches:
+        c.lookahead = True
+    try:
+        yield
+    finally:
+        for c, b in zip(caches, before):
+            c.lookahead = b

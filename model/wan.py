@@ -89,12 +89,12 @@ class WanSelfAttention(nn.Module):
         """x: [B, L, dim]; rope: (cos, sin) [L, D/2] -> [B, L, dim].
 
         layout: a BlockCausalLayout (block-causal training). kv_cache: a model.kv_cache.KVCache;
-        the block's roped k, v are written to it and q attends to what it then holds, in place.
+        the block's roped k, v are written to it and q attends to what it then holds, in place
+        (in lookahead mode, to what it would hold, without writing).
         """
         q, k, v = self.qkv(x, rope)
         if kv_cache is not None:
-            kv_cache.write(k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
-            view = kv_cache.view()
+            view = kv_cache.attend(k, v)
             out = self.backend.kv_cache_attention(q, view.k, view.v, view.sink_len, view.window_start,
                                                   view.window_len)
         elif layout is not None:

@@ -1,0 +1,188 @@
+"""The config of the I2V Self-Forcing / LongLive DMD job (`job: dmd`).
+
+Fields and defaults are those of Self-Forcing's `self_forcing_dmd.yaml` (merged over its
+`default_config.yaml`) with the I2V seed's choices (num_frame_per_block 4 with
+independent_first_frame, so 21 latent frames split into 1 + 5 x 4). Checked at load like every
+run config (ds_trainer/config.py); the frame / block combination is checked with a message that
+says which block sizes work (the seed's §2.3 crash).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ds_trainer.config import AdapterSection, ModelSection, RunConfig
+from model.config import ConfigError
+from model.encoders.bundle import EncoderPaths
+
+
+@dataclass
+class I2VDataSection:
+    """Where the prompts and first frames come from: a JSONL / CSV of prompt + image, or the first
+    sampled frame + caption of OpenS2V clips."""
+
+    images: Optional[str] = None
+    """JSONL or CSV with `prompt` and `image` (a path relative to the file, or to image_base)."""
+    image_base: Optional[str] = None
+    """Directory the `image` paths are relative to; default: the file's directory."""
+    opens2v_json: Optional[str] = None
+    """An OpenS2V step-5 annotation JSON instead of `images` (first frame of each clip)."""
+    opens2v_video_base: Optional[str] = None
+    """The video directory of `opens2v_json`."""
+
+    def __post_init__(self):
+        if (self.images is None) == (self.opens2v_json is None):
+            raise ConfigError("set exactly one of data.images (JSONL/CSV) and data.opens2v_json", key="images")
+        if self.opens2v_json is not None and self.opens2v_video_base is None:
+            raise ConfigError("is needed with data.opens2v_json", key="opens2v_video_base")
+
+
+@dataclass
+class CausalSection:
+    """The block-causal generator (model.causal.CausalConfig)."""
+
+    num_frame_per_block: int = 4
+    """Latent frames per autoregressive block (4 for 21 frames with independent_first_frame)."""
+    independent_first_frame: bool = True
+    """Frame 0 (the conditioning image) is a block of its own."""
+    local_attn_size: int = -1
+    """Frames a query may see, sink included; -1 = everything before (LongLive: 12)."""
+    sink_size: int = 0
+    """First frames that stay visible whatever the window (LongLive: 3)."""
+
+    def __post_init__(self):
+        if self.num_frame_per_block < 1:
+            raise ConfigError(f"must be >= 1, got {self.num_frame_per_block}", key="num_frame_per_block")
+        if self.local_attn_size > 0 and not 0 <= self.sink_size < self.local_attn_size:
+            raise ConfigError(f"must be in [0, local_attn_size={self.local_attn_size}), got {self.sink_size}",
+                              key="sink_size")
+
+
+@dataclass
+class DMDConfig(RunConfig):
+    """An I2V DMD distillation run: causal generator, critic (fake score), frozen teacher (real score)."""
+
+    job: str = "dmd"
+    """This job."""
+    data: I2VDataSection = field(default_factory=lambda: I2VDataSection(images="prompts.jsonl"))
+    """Prompts and first frames."""
+    encoders: Optional[EncoderPaths] = None
+    """Frozen T5 / CLIP / VAE (CLIP is required: clip_fea conditions every I2V call)."""
+    generator: ModelSection = field(default_factory=lambda: ModelSection(preset="i2v-14B"))
+    """The student's architecture (an i2v model; built as CausalWanModel)."""
+    real_score: ModelSection = field(default_factory=lambda: ModelSection(preset="i2v-14B"))
+    """The frozen teacher's architecture (Self-Forcing's real_name; may be larger than the student)."""
+    fake_score: ModelSection = field(default_factory=lambda: ModelSection(preset="i2v-14B"))
+    """The critic's architecture (Self-Forcing's fake_name)."""
+    generator_ckpt: Optional[str] = None
+    """Starting generator weights (an ODE-init / LongLive base / Wan checkpoint); None = random (tests)."""
+    real_score_ckpt: Optional[str] = None
+    """Teacher weights; None = random (tests)."""
+    fake_score_ckpt: Optional[str] = None
+    """Critic starting weights; default: the teacher's (Self-Forcing starts the critic from fake_name's base)."""
+    causal: CausalSection = field(default_factory=CausalSection)
+    """The generator's block-causal attention."""
+    adapter: Optional[AdapterSection] = None
+    """LoRA on the generator (and the critic with apply_to_critic); None = full fine-tuning, as Self-Forcing."""
+    apply_lora_to_critic: bool = True
+    """With `adapter`, LoRA on the critic too (LongLive's apply_to_critic)."""
+    num_training_frames: int = 21
+    """Latent frames of a training rollout (21 -> 81 pixel frames)."""
+    height: int = 480
+    """Frame height in pixels."""
+    width: int = 832
+    """Frame width in pixels."""
+    denoising_step_list: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    """The generator's few-step timesteps per block (before warping)."""
+    warp_denoising_step: bool = True
+    """Map the step list onto the shifted training grid ([1000,750,500,250] -> [1000,937.5,833.3,625])."""
+    timestep_shift: float = 5.0
+    """Flow-matching shift of the training grid."""
+    guidance_scale: float = 3.0
+    """CFG scale of the real score (the fake score runs without guidance)."""
+    negative_prompt: str = ""
+    """The unconditional prompt of the real score's CFG (its T5 embedding is computed once)."""
+    min_step: int = 20
+    """Lowest DMD timestep (of 1000)."""
+    max_step: int = 980
+    """Highest DMD timestep (of 1000)."""
+    same_step_across_blocks: bool = True
+    """Every block exits at the same denoising step (Self-Forcing's default)."""
+    last_step_only: bool = False
+    """Always exit at the last denoising step."""
+    context_noise: float = 0.0
+    """Timestep at which a finished block's clean latents are written to the KV cache."""
+    lr: float = 2e-6
+    """Generator learning rate."""
+    lr_critic: float = 4e-7
+    """Critic learning rate."""
+    beta1: float = 0.0
+    """Generator AdamW beta1."""
+    beta2: float = 0.999
+    """Generator AdamW beta2."""
+    beta1_critic: float = 0.0
+    """Critic AdamW beta1."""
+    beta2_critic: float = 0.999
+    """Critic AdamW beta2."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of both roles."""
+    warmup_steps: int = 0
+    """Linear lr warm-up of both roles, in optimizer steps."""
+    dfake_gen_update_ratio: int = 5
+    """The generator is updated every this many steps; the critic every step."""
+    max_grad_norm: float = 10.0
+    """Gradient clipping of both roles (Self-Forcing: 10)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("generator", "real_score", "fake_score"):
+            section = getattr(self, name)
+            if section.architecture().model_type != "i2v":
+                raise ConfigError(f"must be an i2v model (clip_fea and y condition every call), got preset "
+                                  f"{section.preset!r}", key=f"{name}.preset")
+        c, n = self.causal, self.num_training_frames
+        first = int(c.independent_first_frame)
+        if n < 1 or (n - first) % c.num_frame_per_block or n - first < c.num_frame_per_block:
+            rest = n - first
+            ok = [b for b in range(1, rest + 1) if rest % b == 0] if rest > 0 else []
+            rule = (f"(num_training_frames - 1) = {rest} must be a multiple of num_frame_per_block with "
+                    f"independent_first_frame" if first else
+                    f"num_training_frames = {n} must be a multiple of num_frame_per_block")
+            raise ConfigError(f"{rule}; got num_frame_per_block = {c.num_frame_per_block}; block sizes that work "
+                              f"with {n} frames: {ok}", key="causal.num_frame_per_block")
+        if self.height % 16 or self.width % 16 or self.height < 16 or self.width < 16:
+            raise ConfigError(f"height and width must be positive multiples of 16, got {self.height}x{self.width}",
+                              key="height")
+        if not self.denoising_step_list or any(not 0 < t <= 1000 for t in self.denoising_step_list) \
+                or list(self.denoising_step_list) != sorted(self.denoising_step_list, reverse=True):
+            raise ConfigError(f"must be decreasing timesteps in (0, 1000], got {self.denoising_step_list}",
+                              key="denoising_step_list")
+        if not 0 <= self.min_step < self.max_step <= 1000:
+            raise ConfigError(f"need 0 <= min_step < max_step <= 1000, got {self.min_step}, {self.max_step}",
+                              key="min_step")
+        for name in ("lr", "lr_critic", "timestep_shift"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"must be a finite number > 0, got {getattr(self, name)}", key=name)
+        for name in ("beta1", "beta2", "beta1_critic", "beta2_critic"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"must be in [0, 1), got {getattr(self, name)}", key=name)
+        if not 0 <= self.guidance_scale < float("inf"):
+            raise ConfigError(f"must be a finite number >= 0, got {self.guidance_scale}", key="guidance_scale")
+        if not 0 <= self.context_noise < 1000:
+            raise ConfigError(f"must be in [0, 1000), got {self.context_noise}", key="context_noise")
+        for name in ("dfake_gen_update_ratio",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", key=name)
+        if self.gradient_accumulation_steps != 1:
+            raise ConfigError("must be 1 for the DMD job (each step is one generator and one critic update); "
+                              "raise batch_size or the number of ranks instead", key="gradient_accumulation_steps")
+        for name in ("warmup_steps",):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"must be a finite number >= 0, got {self.weight_decay}", key="weight_decay")
+        if self.encoders is None:
+            raise ConfigError("T5 / CLIP / VAE paths are required", key="encoders")
+        if self.encoders.clip is None:
+            raise ConfigError("is required: clip_fea (CLIP tokens of the first frame) conditions every I2V call",
+                              key="encoders.clip")

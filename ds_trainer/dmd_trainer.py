@@ -1,0 +1,200 @@
+"""`DMDTrainer`: I2V Self-Forcing / LongLive DMD distillation on DeepSpeed (`job: dmd`).
+
+Three roles in one process group, each built partitioned under ZeRO-3 (or whole under ZeRO-2):
+- generator: a `CausalWanModel` (trainable: full, or LoRA), its own engine, AdamW and schedule;
+- critic (fake score): a bidirectional Wan (trainable), its own engine, AdamW and schedule;
+- real score: the frozen teacher (may be larger), an engine without optimizer under ZeRO-3,
+  a plain frozen module otherwise; never checkpointed (it reloads from its weights).
+
+A step: every `dfake_gen_update_ratio` steps the generator rolls out a video through its KV cache
+with gradients at the exit step (ds_trainer/self_forcing.py) and takes the DMD gradient of the real
+(CFG) and fake scores; every step the critic learns the flow of a no-grad rollout. `clip_fea` and
+`y` (sliced per block for the generator) condition every call (data/encode.py: encode_i2v).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from data.i2v import I2VImageDataset, OpenS2VFirstFrameDataset, collate_i2v_batch
+from ds_trainer import checkpointing as ckpt
+from ds_trainer.distributed import any_rank, process_rank
+from ds_trainer.dmd_config import DMDConfig
+from ds_trainer.dmd_loss import DMDTimesteps, critic_loss, distribution_matching_loss
+from ds_trainer.ds_config import eval_ds_config
+from ds_trainer.engine import build_engine, count_parameters
+from ds_trainer.flow_step import step_generator
+from ds_trainer.generator import build_wan
+from ds_trainer.self_forcing import draw_exit_steps, self_forcing_rollout, warped_steps
+from ds_trainer.trainable import apply_activation_checkpointing, apply_freeze, apply_lora
+from ds_trainer.trainer import Trainer
+from model.causal import CausalConfig
+from model.flow_matching import FlowMatchingScheduler
+
+log = logging.getLogger(__name__)
+LORA_ONLY = (r"lora_",)
+EVERYTHING = (r".",)
+
+
+class DMDTrainer(Trainer):
+    name = "dmd"
+    checkpoint_prefix = "checkpoint_model_"
+    weights_file = "model.pt"
+    headline_metric = "critic_loss"
+    cfg: DMDConfig
+
+    # ------------------------------------------------------------------------------- build
+    def build_models(self) -> None:
+        cfg = self.cfg
+        c = cfg.causal
+        self.causal = CausalConfig(c.num_frame_per_block, c.independent_first_frame, c.local_attn_size, c.sink_size)
+        self.generator = self._role("generator", cfg.generator, cfg.generator_ckpt, causal=self.causal,
+                                    lora=cfg.adapter is not None)
+        self.critic = self._role("critic", cfg.fake_score, cfg.fake_score_ckpt or cfg.real_score_ckpt,
+                                 lora=cfg.adapter is not None and cfg.apply_lora_to_critic)
+        stage3 = self.stage == 3
+        teacher_ds = eval_ds_config(self.ds_config)
+        teacher = build_wan(cfg.real_score.architecture(), teacher_ds, cfg.real_score_ckpt, self.device)
+        teacher.requires_grad_(False)
+        self.real_score_module = teacher.eval()
+        self.real_score = build_engine(teacher, teacher_ds) if stage3 else teacher
+        self.scheduler = FlowMatchingScheduler(shift=cfg.timestep_shift)
+        self.steps = warped_steps(cfg.denoising_step_list, self.scheduler, cfg.warp_denoising_step)
+        self.dmd_steps = DMDTimesteps(cfg.min_step, cfg.max_step, cfg.timestep_shift)
+        log.info("generator steps %s (warped: %s)", cfg.denoising_step_list, [round(t, 1) for t in self.steps])
+
+    def _role(self, role: str, section, checkpoint: Optional[str], causal: Optional[CausalConfig] = None,
+              lora: bool = False):
+        model = build_wan(section.architecture().replace(attn_backend=section.attn_backend), self.ds_config,
+                          checkpoint, self.device, causal=causal)
+        if lora:
+            model = apply_lora(model, self.cfg.adapter)
+        apply_activation_checkpointing(model, section)
+        names = apply_freeze(model, LORA_ONLY if lora else EVERYTHING)
+        total, train = count_parameters(model)
+        log.info("%s: %.2fM parameters, %.3fM trainable (%d tensors)", role, total / 1e6, train / 1e6, len(names))
+        return model
+
+    def build_engines(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "generator": build_engine(self.generator, self.ds_config, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      warmup_steps=cfg.warmup_steps, betas=(cfg.beta1, cfg.beta2)),
+            "critic": build_engine(self.critic, self.ds_config, lr=cfg.lr_critic, weight_decay=cfg.weight_decay,
+                                   warmup_steps=cfg.warmup_steps, betas=(cfg.beta1_critic, cfg.beta2_critic)),
+        }
+
+    def build_data(self):
+        from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
+        cfg, d = self.cfg, self.cfg.data
+        self.encoders = load_frozen_encoders(cfg.encoders, self.device)
+        context, lens = self.encoders.t5.encode([cfg.negative_prompt])  # the real score's CFG, once
+        self.negative = (context.float().to(self.device), lens.to(self.device))
+        if d.images is not None:
+            return I2VImageDataset(d.images, cfg.height, cfg.width, image_base=d.image_base)
+        return OpenS2VFirstFrameDataset(d.opens2v_json, d.opens2v_video_base, cfg.height, cfg.width, seed=cfg.seed)
+
+    def make_loader(self):
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
+                                           num_workers=self.cfg.num_workers, collate_fn=collate_i2v_batch,
+                                           drop_last=True)
+
+    def roles_stepped(self) -> list[str]:
+        return (["generator"] if (self.step - 1) % self.cfg.dfake_gen_update_ratio == 0 else []) + ["critic"]
+
+    def describe_batch(self, batch) -> str:
+        return "rows " + ", ".join(str(int(i)) for i in batch["indices"])
+
+    # -------------------------------------------------------------------------------- step
+    def conditioning(self, batch):
+        cond, first = _encode(self.encoders, batch, self.cfg.num_training_frames)
+        cond, first = cond.to(self.device), first.to(self.device)
+        b = first.shape[0]
+        context, lens = self.negative
+        uncond = cond.replace(context=context.expand(b, -1, -1), context_lens=lens.expand(b))
+        return cond, uncond, first
+
+    def rollout(self, cond, first, rng: torch.Generator, grad: bool) -> torch.Tensor:
+        b, (_, f, h, w) = first.shape[0], cond.y.shape[1:]
+        noise = torch.randn((b, 16, f, h, w), generator=rng).to(self.device)
+        exit_rng = step_generator(self.cfg.seed, self.step, int(grad), 0)  # one draw for every rank
+        blocks = len(range(int(self.causal.independent_first_frame), f, self.causal.num_frame_per_block)) + 1
+        exits = draw_exit_steps(blocks, len(self.steps), exit_rng, self.cfg.same_step_across_blocks,
+                                self.cfg.last_step_only)
+        self.last_exits = exits
+        return self_forcing_rollout(self.engines["generator"], self.generator, noise, cond, first, self.causal,
+                                    self.steps, exits, self.scheduler, self.cfg.context_noise, grad, rng)
+
+    def train_step(self, batch, micro: int) -> Optional[dict[str, float]]:
+        cfg, row, times = self.cfg, {}, {}
+        rng = step_generator(cfg.seed, self.step, micro, self.rank)
+        cond, uncond, first = self.conditioning(batch)
+        gen, critic = self.engines["generator"], self.engines["critic"]
+        if self.step % cfg.dfake_gen_update_ratio == 0:
+            t0 = time.perf_counter()
+            video = self.rollout(cond, first, rng, grad=True)
+            t1 = time.perf_counter()
+            loss, grad_mean = distribution_matching_loss(video, self.real_score, critic, cond, uncond,
+                                                         cfg.guidance_scale, self.dmd_steps, rng)
+            if self._skip(loss, "generator", batch):
+                return None
+            gen.backward(loss)
+            gen.step()
+            times.update(rollout=t1 - t0, dmd=time.perf_counter() - t1)
+            row.update(generator_loss=loss.item(), dmd_grad=grad_mean)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            video = self.rollout(cond, first, rng, grad=False)
+        loss = critic_loss(video, critic, cond, self.dmd_steps, rng)
+        if self._skip(loss, "critic", batch):
+            return None
+        critic.backward(loss)
+        critic.step()
+        times["critic"] = time.perf_counter() - t0
+        row["critic_loss"] = loss.item()
+        row.update({f"time_{k}_s": v for k, v in times.items()})
+        return row
+
+    def _skip(self, loss: torch.Tensor, role: str, batch) -> bool:
+        finite = bool(torch.isfinite(loss).item())
+        if not finite:
+            log.warning("rank %d: non-finite %s loss at step %d on %s", self.rank, role, self.step,
+                        self.describe_batch(batch))
+        return any_rank(not finite)
+
+    # ------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def compatibility_fields(cls, cfg: DMDConfig) -> dict[str, Any]:
+        def arch(section):
+            a = section.architecture().to_dict()
+            for same_numbers in ("attn_backend", "fused_qk_norm_rope"):
+                a.pop(same_numbers)
+            return a
+        return {"generator": arch(cfg.generator), "real_score": arch(cfg.real_score), "fake_score": arch(cfg.fake_score),
+                "causal": dataclasses.asdict(cfg.causal), "adapter": dataclasses.asdict(cfg.adapter) if cfg.adapter else None,
+                "num_training_frames": cfg.num_training_frames, "height": cfg.height, "width": cfg.width,
+                "denoising_step_list": list(cfg.denoising_step_list), "warp_denoising_step": cfg.warp_denoising_step}
+
+    def write_exports(self, tmp: Path) -> None:
+        """`model.pt` as Self-Forcing writes it: {"generator": {"model.<key>": ...}, "critic": ...}
+        (trainable weights: all of them, or with LoRA `generator_lora` / `critic_lora`), so its and
+        LongLive's inference load it."""
+        lora = self.cfg.adapter is not None
+        out = {}
+        for role, model in (("generator", self.generator), ("critic", self.critic)):
+            weights = ckpt.export_trainable(model, self.stage)
+            if weights is not None:
+                key = f"{role}_lora" if lora and (role == "generator" or self.cfg.apply_lora_to_critic) else role
+                out[key] = {f"model.{k}": v for k, v in weights.items()}
+        if process_rank() == 0:
+            torch.save(out, tmp / "model.pt")
+
+
+def _encode(encoders, batch, frames: int):
+    from data.encode import encode_i2v  # noqa: PLC0415
+    return encode_i2v(encoders, batch["image"], batch["prompts"], frames)
