@@ -200,3 +200,22 @@ def test_i2v_causal_model_names_a_missing_y():
         model(x, t, cond.replace(y=None))
     with pytest.raises(ValueError, match="`y` is required by an i2v model"):
         model.forward_block(x[:, :, :1], t[:, :1], 0, model.new_kv_caches(1, 6, f), model.cross_attention_cache(cond))
+
+
+@pytest.mark.parametrize("sink, ring", [(0, 40), (4, 12), (2, 8)])
+def test_lookahead_sees_what_a_write_would_show_and_leaves_the_cache_alone(sink, ring):
+    """A denoising step reads the cache plus its own block without writing (so it can be redone
+    and carry gradients); the clean pass then commits the block."""
+    from model.kv_cache import lookahead
+    cache = KVCache(batch=1, sink_tokens=sink, ring_tokens=ring, heads=2, head_dim=3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        k, v = torch.randn(1, 4, 2, 3, generator=g), torch.randn(1, 4, 2, 3, generator=g)
+        before = (cache.k.clone(), cache.total)
+        with lookahead([cache]):
+            peek = cache.attend(k, v)
+        assert torch.equal(cache.k, before[0]) and cache.total == before[1]  # untouched
+        committed = cache.attend(k, v)
+        visible = _visible_keys(cache)[0].flatten(1)
+        assert committed.k is cache.k
+        assert sorted(map(tuple, peek.k[0].flatten(1).tolist())) == sorted(map(tuple, visible.tolist()))
