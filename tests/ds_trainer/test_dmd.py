@@ -1,0 +1,100 @@
+"""The DMD job end to end: real `deepspeed` runs of the tiny I2V distillation on 2 CPU ranks,
+ZeRO-3, three roles. One uninterrupted run and one stopped-and-resumed run are shared by every
+assertion here."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ds_trainer import checkpointing
+from ds_trainer.config import load_train_config
+from ds_trainer.demo import prepare_dmd
+from ds_trainer.dmd_trainer import DMDTrainer
+from ds_trainer.metrics import read_metrics
+from model.checkpoint import read_checkpoint
+from tests.ds_trainer.conftest import finished, launch
+
+pytestmark = pytest.mark.slow
+PROBE = "tests.ds_trainer.dmd_probe_train"
+
+
+@pytest.fixture(scope="module")
+def dmd_runs(demo_config, tmp_path_factory):
+    config = prepare_dmd(Path(demo_config).parent)
+    root = tmp_path_factory.mktemp("dmd")
+    full = launch(config, root / "full", sets=("max_iters=6",), module=PROBE)
+    first = launch(config, root / "resumed", sets=("max_iters=3",), module=PROBE)
+    second = launch(config, root / "resumed", sets=("max_iters=6",), module=PROBE)
+    return config, root, full, first, second
+
+
+def test_a_few_dmd_steps_train_generator_and_critic_and_leave_the_teacher_bit_identical(dmd_runs):
+    config, root, full, _, _ = dmd_runs
+    assert finished(full) == {"step": 6, "skipped_samples": 0, "nonfinite_losses": 0}
+    rows = read_metrics(root / "full")
+    assert len(rows) == 6 and all(torch.isfinite(torch.tensor(r["critic_loss"])) for r in rows)
+    generator_steps = [r["step"] for r in rows if "generator_loss" in r]
+    assert generator_steps == [1, 3, 5]  # dfake_gen_update_ratio 2: steps 0, 2, 4 (logged as 1, 3, 5)
+    assert all(r["generator_loss"] == r["generator_loss"] for r in rows if "generator_loss" in r)  # finite
+    assert {"time_rollout_s", "time_dmd_s", "time_critic_s", "grad_norm_generator"} <= set(rows[0])
+    assert "grad_norm_generator" not in rows[1]  # logged only on the steps it updated
+    cfg = load_train_config(config)
+    base, _, _ = read_checkpoint(cfg.real_score_ckpt)
+    teacher = load_file(str(root / "full" / "teacher_after.safetensors"))
+    assert teacher.keys() == base.keys()
+    for key, value in base.items():
+        assert torch.equal(teacher[key], value), key  # the frozen teacher never moved
+    saved = torch.load(root / "full" / "checkpoint_model_000006" / "model.pt", weights_only=True)
+    assert set(saved) == {"generator", "critic"}
+    for role in ("generator", "critic"):
+        weights = {k.removeprefix("model."): v for k, v in saved[role].items()}
+        assert weights.keys() == base.keys() and all(k.startswith("model.") for k in saved[role])
+        assert any(not torch.equal(weights[k], base[k]) for k in base), f"{role} did not train"
+    calls = json.loads((root / "full" / "probe_calls.json").read_text())
+    assert calls["generator"] > 0 and calls["critic"] > 0 and calls["teacher"] > 0  # each checked its inputs
+
+
+def test_every_rank_rolled_out_with_the_same_exit_steps(dmd_runs):
+    _, root, _, _, _ = dmd_runs
+    per_rank = [(root / "full" / f"exits_rank{r}.jsonl").read_text().splitlines() for r in range(2)]
+    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 6 + 3  # 6 critic + 3 generator rollouts
+
+
+def test_a_stopped_run_resumes_with_the_losses_of_the_uninterrupted_one(dmd_runs):
+    _, root, _, first, second = dmd_runs
+    assert finished(first)["step"] == 3 and finished(second)["step"] == 6
+    assert "resumed from" in second.output
+    ours, theirs = read_metrics(root / "resumed"), read_metrics(root / "full")
+    for key in ("critic_loss", "generator_loss"):
+        a = [r.get(key, 0.0) for r in ours]
+        b = [r.get(key, 0.0) for r in theirs]
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-7)
+
+
+def test_the_checkpoint_loads_into_wan_and_causal_wan(dmd_runs):
+    _, root, _, _, _ = dmd_runs
+    from model.causal import CausalConfig, CausalWanModel
+    from model.checkpoint import load_wan_model, strip_wrapper_prefix
+    path = root / "full" / "checkpoint_model_000006" / "model.pt"
+    from model.config import WAN_TINY_I2V
+    model, report = load_wan_model(path, config=WAN_TINY_I2V)  # Self-Forcing's {"generator": {"model.<key>"}} layout
+    assert model.config.model_type == "i2v" and report.loaded == len(model.state_dict())
+    sd, _ = strip_wrapper_prefix(torch.load(path, weights_only=True)["generator"])
+    causal = CausalWanModel(model.config, CausalConfig(2, independent_first_frame=True))
+    causal.load_state_dict(sd, strict=True)
+
+
+def test_a_checkpoint_of_another_config_or_job_is_refused(dmd_runs, demo_config, tmp_path):
+    config, root, _, _, _ = dmd_runs
+    other = load_train_config(config, {"causal.num_frame_per_block": 4})
+    with pytest.raises(checkpointing.IncompatibleCheckpoint, match="causal.num_frame_per_block"):
+        DMDTrainer.find_resumable(root / "full", other)
+    from ds_trainer.adapter_trainer import AdapterTrainer
+    adapter_cfg = load_train_config(demo_config)
+    assert AdapterTrainer.find_resumable(root / "full", adapter_cfg) is None  # other prefix: never picked up
+    shutil.copytree(root / "full" / "checkpoint_model_000006", tmp_path / "checkpoint_opens2v_000006")
+    with pytest.raises(checkpointing.IncompatibleCheckpoint, match="job: checkpoint 'dmd' vs this run 'opens2v-adapters'"):
+        AdapterTrainer.find_resumable(tmp_path, adapter_cfg)
