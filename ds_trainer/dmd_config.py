@@ -130,6 +130,10 @@ class DMDConfig(RunConfig):
     """Linear lr warm-up of both roles, in optimizer steps."""
     dfake_gen_update_ratio: int = 5
     """The generator is updated every this many steps; the critic every step."""
+    ema_weight: float = 0.99
+    """Generator EMA decay (`generator_ema` in the checkpoint); 0 = none. Off with LoRA, as LongLive."""
+    ema_start_step: int = 200
+    """The EMA starts as a copy of the generator at the first generator update from this step on."""
     max_grad_norm: float = 10.0
     """Gradient clipping of both roles (Self-Forcing: 10)."""
 
@@ -163,7 +167,7 @@ class DMDConfig(RunConfig):
         for name in ("lr", "lr_critic", "timestep_shift"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ConfigError(f"must be a finite number > 0, got {getattr(self, name)}", key=name)
-        for name in ("beta1", "beta2", "beta1_critic", "beta2_critic"):
+        for name in ("beta1", "beta2", "beta1_critic", "beta2_critic", "ema_weight"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"must be in [0, 1), got {getattr(self, name)}", key=name)
         if not 0 <= self.guidance_scale < float("inf"):
@@ -176,7 +180,7 @@ class DMDConfig(RunConfig):
         if self.gradient_accumulation_steps != 1:
             raise ConfigError("must be 1 for the DMD job (each step is one generator and one critic update); "
                               "raise batch_size or the number of ranks instead", key="gradient_accumulation_steps")
-        for name in ("warmup_steps",):
+        for name in ("warmup_steps", "ema_start_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
         if not 0 <= self.weight_decay < float("inf"):
@@ -186,3 +190,7 @@ class DMDConfig(RunConfig):
         if self.encoders.clip is None:
             raise ConfigError("is required: clip_fea (CLIP tokens of the first frame) conditions every I2V call",
                               key="encoders.clip")
+
+    @property
+    def use_ema(self) -> bool:
+        return self.ema_weight > 0 and self.adapter is None

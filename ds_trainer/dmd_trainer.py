@@ -27,6 +27,7 @@ from ds_trainer.distributed import any_rank, process_rank
 from ds_trainer.dmd_config import DMDConfig
 from ds_trainer.dmd_loss import DMDTimesteps, critic_loss, distribution_matching_loss
 from ds_trainer.ds_config import eval_ds_config
+from ds_trainer.ema import ShardedEMA
 from ds_trainer.engine import build_engine, count_parameters
 from ds_trainer.flow_step import step_generator
 from ds_trainer.generator import build_wan
@@ -63,6 +64,7 @@ class DMDTrainer(Trainer):
         teacher.requires_grad_(False)
         self.real_score_module = teacher.eval()
         self.real_score = build_engine(teacher, teacher_ds) if stage3 else teacher
+        self.ema: Optional[ShardedEMA] = None
         self.scheduler = FlowMatchingScheduler(shift=cfg.timestep_shift)
         self.steps = warped_steps(cfg.denoising_step_list, self.scheduler, cfg.warp_denoising_step)
         self.dmd_steps = DMDTimesteps(cfg.min_step, cfg.max_step, cfg.timestep_shift)
@@ -145,6 +147,7 @@ class DMDTrainer(Trainer):
                 return None
             gen.backward(loss)
             gen.step()
+            self.update_ema()
             times.update(rollout=t1 - t0, dmd=time.perf_counter() - t1)
             row.update(generator_loss=loss.item(), dmd_grad=grad_mean)
         t0 = time.perf_counter()
@@ -159,6 +162,14 @@ class DMDTrainer(Trainer):
         row["critic_loss"] = loss.item()
         row.update({f"time_{k}_s": v for k, v in times.items()})
         return row
+
+    def update_ema(self) -> None:
+        if not self.cfg.use_ema or self.step < self.cfg.ema_start_step:
+            return
+        if self.ema is None:
+            self.ema = ShardedEMA(self.generator)  # Self-Forcing: a copy at the first update from ema_start_step
+        else:
+            self.ema.update(self.cfg.ema_weight)
 
     def _skip(self, loss: torch.Tensor, role: str, batch) -> bool:
         finite = bool(torch.isfinite(loss).item())
@@ -181,9 +192,10 @@ class DMDTrainer(Trainer):
                 "denoising_step_list": list(cfg.denoising_step_list), "warp_denoising_step": cfg.warp_denoising_step}
 
     def write_exports(self, tmp: Path) -> None:
-        """`model.pt` as Self-Forcing writes it: {"generator": {"model.<key>": ...}, "critic": ...}
-        (trainable weights: all of them, or with LoRA `generator_lora` / `critic_lora`), so its and
-        LongLive's inference load it."""
+        """`model.pt` as Self-Forcing writes it: {"generator": {"model.<key>": ...}, "critic": ...,
+        "generator_ema": ...} (trainable weights: all of them, or with LoRA `generator_lora` /
+        `critic_lora`), so its and LongLive's inference load it; `ema_rank<r>.pt`: each rank's EMA
+        shards, for an exact resume."""
         lora = self.cfg.adapter is not None
         out = {}
         for role, model in (("generator", self.generator), ("critic", self.critic)):
@@ -191,8 +203,19 @@ class DMDTrainer(Trainer):
             if weights is not None:
                 key = f"{role}_lora" if lora and (role == "generator" or self.cfg.apply_lora_to_critic) else role
                 out[key] = {f"model.{k}": v for k, v in weights.items()}
+        if self.ema is not None:
+            torch.save(self.ema.state_dict(), tmp / f"ema_rank{process_rank()}.pt")
+            ema = self.ema.full_tensors()
+            if ema is not None:
+                out["generator_ema"] = {f"model.{k}": v for k, v in ema.items()}
         if process_rank() == 0:
             torch.save(out, tmp / "model.pt")
+
+    def restore(self, checkpoint: Path) -> None:
+        path = checkpoint / f"ema_rank{process_rank()}.pt"
+        if self.cfg.use_ema and path.exists():
+            self.ema = ShardedEMA(self.generator)
+            self.ema.load_state_dict(torch.load(path, weights_only=True))
 
 
 def _encode(encoders, batch, frames: int):

@@ -123,6 +123,9 @@ class Trainer:
         """What a checkpoint must share with a run of this job for the run to resume from it."""
         return {}
 
+    def restore(self, checkpoint: Path) -> None:
+        """Restore the job's own state from a checkpoint on resume (every rank), after DeepSpeed's."""
+
     def finish(self) -> None:
         """Called once after the last step (every rank)."""
 
@@ -165,6 +168,7 @@ class Trainer:
         if found is None:
             return
         client = ckpt.load_checkpoint(self.engines, Path(found))
+        self.restore(Path(found))
         self.step = int(client["step"])
         self.sampler.load_state_dict(client["sampler"])
         self.totals.update(client.get("totals", {}))

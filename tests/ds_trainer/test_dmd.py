@@ -48,7 +48,10 @@ def test_a_few_dmd_steps_train_generator_and_critic_and_leave_the_teacher_bit_id
     for key, value in base.items():
         assert torch.equal(teacher[key], value), key  # the frozen teacher never moved
     saved = torch.load(root / "full" / "checkpoint_model_000006" / "model.pt", weights_only=True)
-    assert set(saved) == {"generator", "critic"}
+    assert set(saved) == {"generator", "critic", "generator_ema"}
+    ema = saved["generator_ema"]
+    assert ema.keys() == saved["generator"].keys()
+    assert any(not torch.equal(ema[k], saved["generator"][k]) for k in ema)  # an average, not a copy
     for role in ("generator", "critic"):
         weights = {k.removeprefix("model."): v for k, v in saved[role].items()}
         assert weights.keys() == base.keys() and all(k.startswith("model.") for k in saved[role])
@@ -72,6 +75,10 @@ def test_a_stopped_run_resumes_with_the_losses_of_the_uninterrupted_one(dmd_runs
         a = [r.get(key, 0.0) for r in ours]
         b = [r.get(key, 0.0) for r in theirs]
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-7)
+    ema = [torch.load(root / d / "checkpoint_model_000006" / "model.pt", weights_only=True)["generator_ema"]
+           for d in ("full", "resumed")]
+    for key in ema[0]:  # the EMA shards were saved per rank and restored
+        torch.testing.assert_close(ema[1][key], ema[0][key], rtol=1e-5, atol=1e-7)
 
 
 def test_the_checkpoint_loads_into_wan_and_causal_wan(dmd_runs):

@@ -136,3 +136,11 @@ def test_the_seeds_i2v_frame_choice_loads(tmp_path):
     cfg = load_train_config(path)
     assert type(cfg).__name__ == "DMDConfig" and cfg.lr == 2e-6 and cfg.lr_critic == 4e-7
     assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.dfake_gen_update_ratio) == (0.0, 0.999, 0.01, 5)
+
+
+def test_the_shipped_dmd_configs_load():
+    from ds_trainer.config import load_train_config
+    from ds_trainer.shipped import configs_dir
+    full = load_train_config(configs_dir() / "train_i2v_dmd.yaml")
+    assert (full.num_training_frames, full.causal.num_frame_per_block, full.causal.independent_first_frame) == (21, 4, True)
+    assert (full.lr, full.lr_critic, full.dfake_gen_update_ratio, full.ema_weight) == (2e-6, 4e-7, 5, 0.99)
