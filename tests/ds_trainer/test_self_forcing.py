@@ -14,9 +14,12 @@ CAUSAL = CausalConfig(2, independent_first_frame=True)
 STEPS = [1000.0, 937.5, 833.3, 625.0]
 
 
-def _setup(dtype=torch.float64):
+WINDOWED = CausalConfig(2, independent_first_frame=True, local_attn_size=3, sink_size=1)  # LongLive's sink + window
+
+
+def _setup(dtype=torch.float64, causal=CAUSAL):
     torch.manual_seed(0)
-    model = randomize(CausalWanModel(WAN_TINY_I2V, CAUSAL)).to(dtype)
+    model = randomize(CausalWanModel(WAN_TINY_I2V, causal)).to(dtype)
     g = torch.Generator().manual_seed(3)
     cond = Conditioning(torch.randn(1, 7, WAN_TINY_I2V.text_dim, generator=g, dtype=dtype),
                         clip_fea=torch.randn(1, 9, WAN_TINY_I2V.clip_dim, generator=g, dtype=dtype),
@@ -30,7 +33,7 @@ def _full_sequence_rollout(model, noise, cond, first, exits, scheduler, rng, con
     """The same rollout without a KV cache: every step re-runs the whole prefix with the
     block-causal mask (finished blocks clean at t = context_noise, the current block noisy)."""
     done = [first]
-    for index, (start, end) in enumerate(frame_blocks(noise.shape[2], CAUSAL)):
+    for index, (start, end) in enumerate(frame_blocks(noise.shape[2], model.causal)):
         if index == 0:
             continue
         x = noise[:, :, start:end]
@@ -53,18 +56,25 @@ def test_warped_step_list_is_self_forcings():
     assert warped_steps([1000, 500], FlowMatchingScheduler(5.0), warp=False) == [1000.0, 500.0]
 
 
+@pytest.mark.parametrize("causal", [CAUSAL, WINDOWED], ids=["global", "sink-window"])
 @pytest.mark.parametrize("exit_index", [0, 2, 3])
-def test_the_kv_cache_rollout_equals_the_full_block_causal_rollout(exit_index):
-    model, cond, first, noise = _setup()
+def test_the_kv_cache_rollout_equals_the_full_block_causal_rollout(exit_index, causal):
+    model, cond, first, noise = _setup(causal=causal)
     scheduler = FlowMatchingScheduler(5.0)
     exits = [exit_index] * 3
     with torch.no_grad():
-        cached = self_forcing_rollout(model, model, noise, cond, first, CAUSAL, STEPS, exits, scheduler, 0.0,
+        cached = self_forcing_rollout(model, model, noise, cond, first, causal, STEPS, exits, scheduler, 0.0,
                                       grad=False, rng=torch.Generator().manual_seed(7))
         full = _full_sequence_rollout(model, noise, cond, first, exits, scheduler, torch.Generator().manual_seed(7))
     assert cached.shape == noise.shape
     torch.testing.assert_close(cached, full, rtol=1e-9, atol=1e-9)  # float64 both ways
     assert torch.equal(cached[:, :, :1], first)  # the I2V first frame is the image latent
+    if causal is WINDOWED:  # the window really hides frames: the global rollout differs
+        model.causal = CAUSAL
+        with torch.no_grad():
+            unwindowed = self_forcing_rollout(model, model, noise, cond, first, CAUSAL, STEPS, exits, scheduler,
+                                              0.0, grad=False, rng=torch.Generator().manual_seed(7))
+        assert not torch.allclose(unwindowed[:, :, 3:], cached[:, :, 3:], atol=1e-6)
 
 
 def test_gradients_flow_through_exactly_the_exit_step_of_each_block():
