@@ -93,10 +93,16 @@ class DMDTrainer(Trainer):
 
     def build_data(self):
         from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
-        cfg, d = self.cfg, self.cfg.data
+        cfg = self.cfg
         self.encoders = load_frozen_encoders(cfg.encoders, self.device)
         context, lens = self.encoders.t5.encode([cfg.negative_prompt])  # the real score's CFG, once
         self.negative = (context.float().to(self.device), lens.to(self.device))
+        return self.dataset_of(cfg)
+
+    @staticmethod
+    def dataset_of(cfg: DMDConfig):
+        """The prompts + first frames of a DMD config."""
+        d = cfg.data
         if d.images is not None:
             return I2VImageDataset(d.images, cfg.height, cfg.width, image_base=d.image_base)
         return OpenS2VFirstFrameDataset(d.opens2v_json, d.opens2v_video_base, cfg.height, cfg.width, seed=cfg.seed)

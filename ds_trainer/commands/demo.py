@@ -12,9 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=2, help="CPU processes under deepspeed (default 2)")
     parser.add_argument("--zero", choices=["2", "3", "3-offload"], default="3")
     parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--job", choices=["opens2v-adapters", "dmd"], default="opens2v-adapters",
+                        help="the subject-adapter job (default) or the I2V DMD distillation (configs/tiny_i2v_dmd.yaml)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.job == "dmd":
+        return run_dmd(args)
     from ds_trainer import sample  # noqa: PLC0415
     from ds_trainer.commands import cache  # noqa: PLC0415
     from ds_trainer.demo import launch_training, prepare  # noqa: PLC0415
@@ -38,3 +42,27 @@ def run(args: argparse.Namespace) -> int:
                       "loss": summary, "seconds": {k: round(v, 1) for k, v in times.items()},
                       "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0 if summary and summary["relative_drop"] > 0 else 1
+
+
+def run_dmd(args: argparse.Namespace) -> int:
+    """Tiny I2V DMD: 3 roles under deepspeed on CPU, then the loss curves and a rollout mp4."""
+    from ds_trainer.demo import launch_training, prepare_dmd  # noqa: PLC0415
+    from ds_trainer.dmd_sample import rollout_video  # noqa: PLC0415
+    from ds_trainer.metrics import read_metrics  # noqa: PLC0415
+    from ds_trainer.plot import plot_loss  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    root = args.out.resolve()
+    config = prepare_dmd(root, min(args.clips, 4))
+    logdir = root / "dmd"
+    launch_training(config, logdir, args.ranks, args.zero, extra=["--no-auto-resume", "--set", "max_iters=20",
+                                                                  "--set", "log_iters=10"])
+    png = plot_loss(logdir, keys=("generator_loss", "critic_loss"))
+    video = rollout_video(logdir)
+    rows = read_metrics(logdir)
+    phases = {k: round(sum(r.get(k, 0.0) for r in rows) / len(rows), 3)
+              for k in ("time_rollout_s", "time_dmd_s", "time_critic_s", "step_time_s")}
+    print(json.dumps({"logdir": str(logdir), "loss_curves": str(png), "rollout": str(video),
+                      "steps": len(rows), "mean_seconds_per_step": phases,
+                      "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+    return 0

@@ -105,3 +105,18 @@ def test_a_checkpoint_of_another_config_or_job_is_refused(dmd_runs, demo_config,
     shutil.copytree(root / "full" / "checkpoint_model_000006", tmp_path / "checkpoint_opens2v_000006")
     with pytest.raises(checkpointing.IncompatibleCheckpoint, match="job: checkpoint 'dmd' vs this run 'opens2v-adapters'"):
         AdapterTrainer.find_resumable(tmp_path, adapter_cfg)
+
+
+def test_the_trained_generator_rolls_out_a_video_and_the_losses_plot(dmd_runs):
+    """What `wanspeed demo --job dmd` ends with: both loss curves and a decoded rollout mp4."""
+    import decord
+
+    from ds_trainer.dmd_sample import rollout_video
+    from ds_trainer.plot import plot_loss
+    _, root, _, _, _ = dmd_runs
+    png = plot_loss(root / "full", keys=("generator_loss", "critic_loss"))
+    assert png.stat().st_size > 10_000
+    video = rollout_video(root / "full", seed=1)
+    frames = decord.VideoReader(str(video))
+    assert len(frames) == 17  # 5 latent frames -> 1 + 4 * 4 pixel frames
+    assert frames[0].shape[1] >= 2 * 48  # the first frame beside the rollout
