@@ -120,3 +120,16 @@ def test_the_trained_generator_rolls_out_a_video_and_the_losses_plot(dmd_runs):
     frames = decord.VideoReader(str(video))
     assert len(frames) == 17  # 5 latent frames -> 1 + 4 * 4 pixel frames
     assert frames[0].shape[1] >= 2 * 48  # the first frame beside the rollout
+
+
+def test_lora_dmd_under_zero2_trains_only_adapters_and_exports_them_as_longlive(dmd_runs, tmp_path):
+    """LongLive's LoRA recipe on generator and critic, with ZeRO-2 (the teacher a plain frozen module)."""
+    config = dmd_runs[0]
+    lora = "adapter={adapter_type: lora, r: 2, lora_alpha: 2, target_modules: [to_q, to_k, to_v, to_out]}"
+    run = launch(config, tmp_path / "lora", ranks=1, zero="2", sets=(lora, "max_iters=3", "log_iters=3"))
+    assert finished(run)["step"] == 3
+    saved = torch.load(tmp_path / "lora" / "checkpoint_model_000003" / "model.pt", weights_only=True)
+    assert set(saved) == {"generator_lora", "critic_lora"}  # no EMA with LoRA, as LongLive
+    for role in saved.values():
+        assert role and all("lora_" in k and k.startswith("model.") for k in role)
+    assert any(v.abs().sum() > 0 for k, v in saved["generator_lora"].items() if "lora_B" in k)  # it trained
