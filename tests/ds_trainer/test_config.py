@@ -188,3 +188,10 @@ def test_every_job_names_its_config_and_trainer_and_the_trainer_its_job():
         assert trainer.name == job and trainer.checkpoint_prefix
         defaults = {f.name: f.default for f in dataclasses.fields(_import(config_spec))}
         assert defaults["job"] == job
+
+
+def test_the_readmes_data_options_can_be_set_from_the_training_yaml(tmp_path):
+    cfg = load_train_config(_write(tmp_path, MINIMAL + "opens2v: {image_policy: skip, max_bad_fraction: 0.5}\n"))
+    assert (cfg.opens2v.image_policy, cfg.opens2v.max_bad_fraction) == ("skip", 0.5)
+    with pytest.raises(ConfigError, match="opens2v.max_bad_fraction"):
+        load_train_config(_write(tmp_path, MINIMAL + "opens2v: {max_bad_fraction: 1.5}\n", "bad.yaml"))
