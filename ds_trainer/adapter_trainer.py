@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from data.cache import CachedOpenS2VDataset
 from data.opens2v import create_opens2v_dataloader
 from ds_trainer import checkpointing as ckpt
-from ds_trainer.config import TrainConfig
+from ds_trainer.config import TrainConfig, architecture_key
 from ds_trainer.datasets import opens2v_dataset
 from ds_trainer.distributed import process_rank
 from ds_trainer.engine import build_engine, count_parameters
@@ -83,10 +83,7 @@ class AdapterTrainer(Trainer):
     @classmethod
     def compatibility_fields(cls, cfg: TrainConfig) -> dict[str, Any]:
         import dataclasses  # noqa: PLC0415
-        model = cfg.wan_config().to_dict()
-        for same_numbers in ("attn_backend", "fused_qk_norm_rope"):  # change no result: a resume may switch them
-            model.pop(same_numbers)
-        return {"model": model,
+        return {"model": architecture_key(cfg.wan_config()),
                 "adapter": dataclasses.asdict(cfg.adapter) if cfg.adapter else None,
                 "train_fused_path": cfg.train_fused_path, "train_clip_path": cfg.train_clip_path,
                 "num_training_frames": cfg.num_training_frames, "height": cfg.height, "width": cfg.width}

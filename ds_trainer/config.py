@@ -251,6 +251,15 @@ class TrainConfig(RunConfig):
             raise ConfigError(str(exc), key="model") from exc
 
 
+def architecture_key(cfg: WanConfig) -> dict[str, Any]:
+    """The architecture fields a checkpoint must share with a run that resumes it: all but the
+    kernel choices, which change no number (a resume may switch them)."""
+    key = cfg.to_dict()
+    for same_numbers in ("attn_backend", "fused_qk_norm_rope"):
+        key.pop(same_numbers)
+    return key
+
+
 def _import(spec: str):
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)

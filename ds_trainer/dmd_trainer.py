@@ -24,6 +24,7 @@ import torch
 from data.i2v import I2VImageDataset, OpenS2VFirstFrameDataset, collate_i2v_batch
 from ds_trainer import checkpointing as ckpt
 from ds_trainer.distributed import any_rank, process_rank
+from ds_trainer.config import architecture_key
 from ds_trainer.dmd_config import DMDConfig
 from ds_trainer.dmd_loss import DMDTimesteps, critic_loss, distribution_matching_loss
 from ds_trainer.ds_config import eval_ds_config
@@ -187,12 +188,9 @@ class DMDTrainer(Trainer):
     # ------------------------------------------------------------------------ checkpoints
     @classmethod
     def compatibility_fields(cls, cfg: DMDConfig) -> dict[str, Any]:
-        def arch(section):
-            a = section.architecture().to_dict()
-            for same_numbers in ("attn_backend", "fused_qk_norm_rope"):
-                a.pop(same_numbers)
-            return a
-        return {"generator": arch(cfg.generator), "real_score": arch(cfg.real_score), "fake_score": arch(cfg.fake_score),
+        arch = {role: architecture_key(getattr(cfg, role).architecture())
+                for role in ("generator", "real_score", "fake_score")}
+        return {**arch,
                 "causal": dataclasses.asdict(cfg.causal), "adapter": dataclasses.asdict(cfg.adapter) if cfg.adapter else None,
                 "num_training_frames": cfg.num_training_frames, "height": cfg.height, "width": cfg.width,
                 "denoising_step_list": list(cfg.denoising_step_list), "warp_denoising_step": cfg.warp_denoising_step}
