@@ -3,7 +3,10 @@
 The generator is built partitioned (ZeRO-3) with the base weights loaded, LoRA added when
 configured, then frozen except the reference paths' new layers; one engine trains it with the
 flow-matching loss. Raw OpenS2V batches go through the frozen encoders; with `cache_dir` the
-encoder outputs are read from `wanspeed cache` shards and no encoder is loaded.
+encoder outputs are read from `wanspeed cache` shards and no encoder is loaded. With
+`model.causal` the generator is the block-causal CausalWanModel (LongLive's), trained with one
+timestep per block under the block-causal mask (teacher forcing optional), as Self-Forcing's
+causal diffusion trainer.
 """
 from __future__ import annotations
 
@@ -38,14 +41,18 @@ class AdapterTrainer(Trainer):
 
     def build_models(self) -> None:
         cfg = self.cfg
-        model = build_wan(cfg.wan_config(), self.ds_config, cfg.generator_ckpt, self.device)
+        causal = cfg.model.causal
+        self.causal = causal.causal_config() if causal is not None else None
+        self.teacher_forcing = causal is not None and causal.teacher_forcing
+        model = build_wan(cfg.wan_config(), self.ds_config, cfg.generator_ckpt, self.device, causal=self.causal)
         if cfg.adapter:
             model = apply_lora(model, cfg.adapter)
         apply_activation_checkpointing(model, cfg.model)
         self.trainable_names = apply_freeze(model, reference_trainable_patterns(model.config))
         total, train = count_parameters(model)
-        log.info("generator: %.2fM parameters, %.3fM trainable (%d tensors), ZeRO stage %d, world %d",
-                 total / 1e6, train / 1e6, len(self.trainable_names), self.stage, self.world)
+        log.info("generator: %s%.2fM parameters, %.3fM trainable (%d tensors), ZeRO stage %d, world %d",
+                 f"block-causal {self.causal}{' teacher-forced' if self.teacher_forcing else ''}, "
+                 if self.causal else "", total / 1e6, train / 1e6, len(self.trainable_names), self.stage, self.world)
         self.model = model
         self.scheduler = FlowMatchingScheduler(shift=cfg.timestep_shift)
 
@@ -77,7 +84,8 @@ class AdapterTrainer(Trainer):
 
     def compute_loss(self, batch, micro: int) -> torch.Tensor:
         gen = step_generator(self.cfg.seed, self.step, micro, self.rank)
-        return flow_matching_loss(self.engine, self.batch_inputs(batch), self.scheduler, gen)
+        return flow_matching_loss(self.engine, self.batch_inputs(batch), self.scheduler, gen, causal=self.causal,
+                                  teacher_forcing=self.teacher_forcing)
 
     # ------------------------------------------------------------------------ checkpoints
     @classmethod
@@ -86,7 +94,9 @@ class AdapterTrainer(Trainer):
         return {"model": architecture_key(cfg.wan_config()),
                 "adapter": dataclasses.asdict(cfg.adapter) if cfg.adapter else None,
                 "train_fused_path": cfg.train_fused_path, "train_clip_path": cfg.train_clip_path,
-                "num_training_frames": cfg.num_training_frames, "height": cfg.height, "width": cfg.width}
+                "num_training_frames": cfg.num_training_frames, "height": cfg.height, "width": cfg.width,
+                # only when set, so checkpoints of bidirectional runs keep their key
+                **({"causal": dataclasses.asdict(cfg.model.causal)} if cfg.model.causal else {})}
 
     def write_exports(self, tmp: Path) -> None:
         """`model.pt` = {"generator": trainable weights only} (the seed's format:

@@ -83,6 +83,69 @@ class ModelSection:
 
 
 @dataclass
+class AdapterCausalSection:
+    """The adapter job's block-causal generator (model.causal.CausalConfig), as LongLive's causal
+    generator the OpenS2V seed trains its reference paths on; trained as Self-Forcing's causal
+    diffusion trainer does (one timestep per block, the block-causal mask). The four model fields
+    mean what ds_trainer.dmd_config.CausalSection's do; the defaults are Self-Forcing / LongLive
+    T2V's (3-frame blocks, no independent first frame: 21 frames = 7 blocks)."""
+
+    num_frame_per_block: int = 3
+    """Latent frames per autoregressive block; all frames of a block share one training timestep."""
+    independent_first_frame: bool = False
+    """Frame 0 is a block of its own (with its own timestep), as in the I2V recipe."""
+    local_attn_size: int = -1
+    """Frames a query may see, sink included; -1 = everything before (LongLive: 12)."""
+    sink_size: int = 0
+    """First frames that stay visible whatever the window (LongLive: 3)."""
+    teacher_forcing: bool = False
+    """Feed the clean latents as the [clean | noisy] prefix (noisy block i attends to the clean
+    blocks before it and to itself) instead of the noisy frames of earlier blocks."""
+
+    def __post_init__(self):
+        if self.num_frame_per_block < 1:
+            raise ConfigError(f"must be >= 1, got {self.num_frame_per_block}", key="num_frame_per_block")
+        if self.local_attn_size > 0 and not 0 <= self.sink_size < self.local_attn_size:
+            raise ConfigError(f"must be in [0, local_attn_size={self.local_attn_size}), got {self.sink_size}",
+                              key="sink_size")
+        if self.sink_size < 0:
+            raise ConfigError(f"must be >= 0, got {self.sink_size}", key="sink_size")
+        if self.local_attn_size != -1 and self.local_attn_size < 1:
+            raise ConfigError(f"must be -1 (no window) or >= 1, got {self.local_attn_size}", key="local_attn_size")
+
+    def causal_config(self):
+        """The model's CausalConfig (teacher_forcing is a training choice, not a model field)."""
+        from model.causal import CausalConfig  # noqa: PLC0415
+        return CausalConfig(self.num_frame_per_block, self.independent_first_frame, self.local_attn_size,
+                            self.sink_size)
+
+    def check_frames(self, num_frames: int) -> None:
+        """`num_frames` must split into blocks (model.causal.frame_blocks' rule); the error says
+        which block sizes work."""
+        from model.causal import frame_blocks  # noqa: PLC0415
+        try:
+            frame_blocks(num_frames, self.causal_config())
+        except ValueError:
+            first = int(self.independent_first_frame)
+            rest = num_frames - first
+            ok = [b for b in range(1, rest + 1) if rest % b == 0] if rest > 0 else []
+            rule = (f"(num_training_frames - 1) = {rest} must be a multiple of num_frame_per_block with "
+                    f"independent_first_frame" if first else
+                    f"num_training_frames = {num_frames} must be a multiple of num_frame_per_block")
+            raise ConfigError(f"{rule}; got num_frame_per_block = {self.num_frame_per_block}; block sizes that "
+                              f"work with {num_frames} frames: {ok}", key="num_frame_per_block") from None
+
+
+@dataclass
+class AdapterModelSection(ModelSection):
+    """The adapter job's generator: a ModelSection plus the optional block-causal variant."""
+
+    causal: Optional[AdapterCausalSection] = None
+    """Train on the block-causal CausalWanModel (per-block timesteps, block-causal mask); None =
+    the bidirectional WanModel."""
+
+
+@dataclass
 class WandbSection:
     """wandb logging (rank 0 only)."""
 
@@ -188,8 +251,8 @@ class TrainConfig(RunConfig):
     """Frame width in pixels (the seed's `pixel_width`)."""
     generator_ckpt: Optional[str] = None
     """Base generator weights (any format model/checkpoint.py reads); None = random init (tests)."""
-    model: ModelSection = field(default_factory=ModelSection)
-    """The generator's architecture."""
+    model: AdapterModelSection = field(default_factory=AdapterModelSection)
+    """The generator's architecture (optionally block-causal: model.causal)."""
     encoders: Optional[EncoderPaths] = None
     """Frozen T5 / CLIP / VAE; not loaded at all when `cache_dir` is set."""
     cache_dir: Optional[str] = None
@@ -241,6 +304,11 @@ class TrainConfig(RunConfig):
             raise ConfigError("is_cross_frame needs opens2v.cross_frames_cluster_path and cross_frames_base_path",
                               key="is_cross_frame")
         self.wan_config()  # the model section and the reference paths must agree (e.g. no CLIP path on i2v)
+        if self.model.causal is not None:
+            try:
+                self.model.causal.check_frames(self.num_training_frames)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, key=f"model.causal.{exc.key}") from exc
 
     def wan_config(self) -> WanConfig:
         """The generator architecture with this run's reference paths."""

@@ -3,17 +3,22 @@
 `inputs_from_batch` turns an OpenS2VBatch (raw pixels: the frozen encoders run, no grad; or
 cached encoder outputs) into the latents and the model's `Conditioning`. `flow_matching_loss`
 noises the latents at timesteps drawn from the shifted grid and regresses the velocity eps - x0 (MSE).
+On the block-causal generator (`causal=`) it trains as Self-Forcing's causal diffusion trainer:
+one timestep per block (`block_sigmas`), t [B, F], the block-causal mask, and optionally teacher
+forcing (the clean latents as the [clean | noisy] prefix).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from data.batch import OpenS2VBatch
 from data.encode import encode_batch
+from model.causal import CausalConfig, frame_blocks
 from model.conditioning import Conditioning
 from model.flow_matching import FlowMatchingScheduler
 
@@ -54,12 +59,35 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def block_sigmas(scheduler: FlowMatchingScheduler, batch: int, num_frames: int, causal: CausalConfig,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Per-frame sigmas [B, F] with one draw per block (model.causal.frame_blocks; with
+    independent_first_frame frame 0 is its own block): every frame of a block shares its sigma."""
+    blocks = frame_blocks(num_frames, causal)
+    per_block = scheduler.sample_sigmas(batch, generator=generator, frames=len(blocks))  # [B, blocks]
+    return torch.cat([per_block[:, i:i + 1].expand(-1, end - start) for i, (start, end) in enumerate(blocks)], dim=1)
+
+
 def flow_matching_loss(model, inputs: FlowInputs, scheduler: FlowMatchingScheduler,
-                       generator: torch.Generator) -> torch.Tensor:
-    """MSE between the predicted and the true velocity eps - x0 at a random shifted timestep."""
+                       generator: torch.Generator, causal: Optional[CausalConfig] = None,
+                       teacher_forcing: bool = False) -> torch.Tensor:
+    """MSE between the predicted and the true velocity eps - x0 at a random shifted timestep.
+
+    Without `causal`: one timestep per sample (t [B]). With `causal` (a CausalWanModel): one per
+    block (t [B, F], `block_sigmas`) under the block-causal mask; `teacher_forcing` passes the clean
+    latents as `clean_x` (clean timestep 0) and the loss covers the noisy frames the model returns.
+    Every draw comes from `generator` (sigmas first, then the noise)."""
+    if teacher_forcing and causal is None:
+        raise ValueError("teacher_forcing needs the block-causal generator (causal=)")
     x0 = inputs.latents
-    sigma = scheduler.sample_sigmas(x0.shape[0], generator=generator).to(x0.device)
+    if causal is None:
+        sigma = scheduler.sample_sigmas(x0.shape[0], generator=generator).to(x0.device)
+    else:
+        sigma = block_sigmas(scheduler, x0.shape[0], x0.shape[2], causal, generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x_t = scheduler.add_noise(x0, noise, sigma)
-    pred = model(x_t, scheduler.timestep(sigma), inputs.cond)
+    if teacher_forcing:
+        pred = model(x_t, scheduler.timestep(sigma), inputs.cond, clean_x=x0)
+    else:
+        pred = model(x_t, scheduler.timestep(sigma), inputs.cond)
     return F.mse_loss(pred.float(), scheduler.training_target(x0, noise).float())
