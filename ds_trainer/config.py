@@ -83,13 +83,10 @@ class ModelSection:
 
 
 @dataclass
-class AdapterCausalSection:
-    """The adapter job's block-causal generator (model.causal.CausalConfig), as LongLive's causal
-    generator the OpenS2V seed trains its reference paths on; trained as Self-Forcing's causal
-    diffusion trainer does (one timestep per block, the block-causal mask). The four model fields
-    mean what ds_trainer.dmd_config.CausalSection's do; the defaults are Self-Forcing / LongLive
-    T2V's (3-frame blocks, no independent first frame: 21 frames = 7 blocks)."""
-
+class CausalSection:
+    """A block-causal generator (model.causal.CausalConfig), for both jobs. Defaults are
+    Self-Forcing / LongLive T2V's (3-frame blocks, no independent first frame: 21 frames = 7
+    blocks); the DMD job's are the I2V seed's (4-frame blocks after an independent first frame)."""
     num_frame_per_block: int = 3
     """Latent frames per autoregressive block; all frames of a block share one training timestep."""
     independent_first_frame: bool = False
@@ -98,9 +95,6 @@ class AdapterCausalSection:
     """Frames a query may see, sink included; -1 = everything before (LongLive: 12)."""
     sink_size: int = 0
     """First frames that stay visible whatever the window (LongLive: 3)."""
-    teacher_forcing: bool = False
-    """Feed the clean latents as the [clean | noisy] prefix (noisy block i attends to the clean
-    blocks before it and to itself) instead of the noisy frames of earlier blocks."""
 
     def __post_init__(self):
         if self.num_frame_per_block < 1:
@@ -114,7 +108,7 @@ class AdapterCausalSection:
             raise ConfigError(f"must be -1 (no window) or >= 1, got {self.local_attn_size}", key="local_attn_size")
 
     def causal_config(self):
-        """The model's CausalConfig (teacher_forcing is a training choice, not a model field)."""
+        """The model's CausalConfig."""
         from model.causal import CausalConfig  # noqa: PLC0415
         return CausalConfig(self.num_frame_per_block, self.independent_first_frame, self.local_attn_size,
                             self.sink_size)
@@ -134,6 +128,17 @@ class AdapterCausalSection:
                     f"num_training_frames = {num_frames} must be a multiple of num_frame_per_block")
             raise ConfigError(f"{rule}; got num_frame_per_block = {self.num_frame_per_block}; block sizes that "
                               f"work with {num_frames} frames: {ok}", key="num_frame_per_block") from None
+
+
+@dataclass
+class AdapterCausalSection(CausalSection):
+    """The adapter job's block-causal generator (LongLive's causal generator, the OpenS2V seed's
+    base), trained as Self-Forcing's causal diffusion trainer does: one timestep per block, the
+    block-causal mask, optionally teacher forcing."""
+
+    teacher_forcing: bool = False
+    """Feed the clean latents as the [clean | noisy] prefix (noisy block i attends to the clean
+    blocks before it and to itself) instead of the noisy frames of earlier blocks."""
 
 
 @dataclass

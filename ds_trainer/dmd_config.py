@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ds_trainer.config import AdapterSection, ModelSection, RunConfig
+from ds_trainer.config import AdapterSection, CausalSection, ModelSection, RunConfig
 from model.config import ConfigError
 from model.encoders.bundle import EncoderPaths
 
@@ -38,24 +38,13 @@ class I2VDataSection:
 
 
 @dataclass
-class CausalSection:
-    """The block-causal generator (model.causal.CausalConfig)."""
+class DMDCausalSection(CausalSection):
+    """The DMD generator's block-causal attention, with the I2V seed's defaults."""
 
     num_frame_per_block: int = 4
     """Latent frames per autoregressive block (4 for 21 frames with independent_first_frame)."""
     independent_first_frame: bool = True
     """Frame 0 (the conditioning image) is a block of its own."""
-    local_attn_size: int = -1
-    """Frames a query may see, sink included; -1 = everything before (LongLive: 12)."""
-    sink_size: int = 0
-    """First frames that stay visible whatever the window (LongLive: 3)."""
-
-    def __post_init__(self):
-        if self.num_frame_per_block < 1:
-            raise ConfigError(f"must be >= 1, got {self.num_frame_per_block}", key="num_frame_per_block")
-        if self.local_attn_size > 0 and not 0 <= self.sink_size < self.local_attn_size:
-            raise ConfigError(f"must be in [0, local_attn_size={self.local_attn_size}), got {self.sink_size}",
-                              key="sink_size")
 
 
 @dataclass
@@ -80,7 +69,7 @@ class DMDConfig(RunConfig):
     """Teacher weights; None = random (tests)."""
     fake_score_ckpt: Optional[str] = None
     """Critic starting weights; default: the teacher's (Self-Forcing starts the critic from fake_name's base)."""
-    causal: CausalSection = field(default_factory=CausalSection)
+    causal: DMDCausalSection = field(default_factory=DMDCausalSection)
     """The generator's block-causal attention."""
     adapter: Optional[AdapterSection] = None
     """LoRA on the generator (and the critic with apply_to_critic); None = full fine-tuning, as Self-Forcing."""
@@ -144,16 +133,10 @@ class DMDConfig(RunConfig):
             if section.architecture().model_type != "i2v":
                 raise ConfigError(f"must be an i2v model (clip_fea and y condition every call), got preset "
                                   f"{section.preset!r}", key=f"{name}.preset")
-        c, n = self.causal, self.num_training_frames
-        first = int(c.independent_first_frame)
-        if n < 1 or (n - first) % c.num_frame_per_block or n - first < c.num_frame_per_block:
-            rest = n - first
-            ok = [b for b in range(1, rest + 1) if rest % b == 0] if rest > 0 else []
-            rule = (f"(num_training_frames - 1) = {rest} must be a multiple of num_frame_per_block with "
-                    f"independent_first_frame" if first else
-                    f"num_training_frames = {n} must be a multiple of num_frame_per_block")
-            raise ConfigError(f"{rule}; got num_frame_per_block = {c.num_frame_per_block}; block sizes that work "
-                              f"with {n} frames: {ok}", key="causal.num_frame_per_block")
+        try:
+            self.causal.check_frames(self.num_training_frames)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, key=f"causal.{exc.key}") from exc
         if self.height % 16 or self.width % 16 or self.height < 16 or self.width < 16:
             raise ConfigError(f"height and width must be positive multiples of 16, got {self.height}x{self.width}",
                               key="height")

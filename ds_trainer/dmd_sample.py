@@ -20,7 +20,7 @@ def rollout_video(logdir: Path, checkpoint: Optional[Path] = None, index: int = 
     from ds_trainer.dmd_trainer import DMDTrainer  # noqa: PLC0415
     from ds_trainer.sample import write_mp4  # noqa: PLC0415
     from ds_trainer.self_forcing import self_forcing_rollout, warped_steps  # noqa: PLC0415
-    from model.causal import CausalConfig, CausalWanModel, frame_blocks  # noqa: PLC0415
+    from model.causal import CausalWanModel, frame_blocks  # noqa: PLC0415
     from model.checkpoint import strip_wrapper_prefix  # noqa: PLC0415
     from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
     from model.flow_matching import FlowMatchingScheduler  # noqa: PLC0415
@@ -31,8 +31,7 @@ def rollout_video(logdir: Path, checkpoint: Optional[Path] = None, index: int = 
         raise SystemExit(f"{logdir}: no complete DMD checkpoint")
     saved = torch.load(Path(ckpt) / "model.pt", map_location="cpu", weights_only=True)
     weights, _ = strip_wrapper_prefix(saved.get("generator_ema") or saved["generator"])
-    c = cfg.causal
-    causal = CausalConfig(c.num_frame_per_block, c.independent_first_frame, c.local_attn_size, c.sink_size)
+    causal = cfg.causal.causal_config()
     model = CausalWanModel(cfg.generator.architecture(), causal)
     model.load_state_dict(weights, strict=True)
     model.eval()

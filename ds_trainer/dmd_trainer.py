@@ -53,8 +53,7 @@ class DMDTrainer(Trainer):
     # ------------------------------------------------------------------------------- build
     def build_models(self) -> None:
         cfg = self.cfg
-        c = cfg.causal
-        self.causal = CausalConfig(c.num_frame_per_block, c.independent_first_frame, c.local_attn_size, c.sink_size)
+        self.causal = cfg.causal.causal_config()
         self.generator = self._role("generator", cfg.generator, cfg.generator_ckpt, causal=self.causal,
                                     lora=cfg.adapter is not None)
         self.critic = self._role("critic", cfg.fake_score, cfg.fake_score_ckpt or cfg.real_score_ckpt,
