@@ -1,5 +1,6 @@
-"""`wanspeed bench kernels|data`: the kernel microbenchmarks (kernels/bench/runner.py) or the
-data-loader benchmark (data/bench.py), one sub-parser each."""
+"""`wanspeed bench kernels|data|compile`: the kernel microbenchmarks (kernels/bench/runner.py), the
+data-loader benchmark (data/bench.py), or the compile gate (kernels/compile_gate.py: registers,
+spills, shared memory for sm_90 / sm_100 without a GPU), one sub-parser each."""
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,26 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
 
 
+def _compile_arguments(parser: argparse.ArgumentParser) -> None:
+    """Choices restated here (kernels.compile_gate imports triton lazily; parsing needs none of it)."""
+    parser.add_argument("--arch", default="sm_90,sm_100", help="comma-separated architectures (sm_90, sm_100)")
+    parser.add_argument("--shapes", choices=("wan-1.3b", "wan-14b"), default="wan-1.3b", help="model shapes")
+    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated (bf16, fp16)")
+    parser.add_argument("--kept-only", action="store_true", help="only the configs the register prune keeps")
+    parser.add_argument("--no-extension", action="store_true", help="skip nvcc on kernels/csrc/*.cu")
+    parser.add_argument("--processes", type=int, default=2, help="parallel compilers (default 2)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default kernels/bench/results/compile-<shapes>.json)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{data,kernels}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{data,kernels,compile}")
     _data_arguments(sub.add_parser("data", help="OpenS2V loader throughput against decoding every frame",
                                    description="OpenS2V loader clips/s against decoding every frame then picking"))
     _kernels_arguments(sub.add_parser("kernels", help="attention/extension microbenchmarks",
                                       description="every kernel microbenchmark, side by side with the stock paths"))
+    _compile_arguments(sub.add_parser("compile", help="compile every kernel/config for sm_90, sm_100 (no GPU needed)",
+                                      description="registers, spills and shared memory of every Triton kernel at "
+                                                  "every autotune config, and of the CUDA extension"))
 
 
 def _run_kernels(args: argparse.Namespace) -> int:
@@ -68,5 +83,24 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compile(args: argparse.Namespace) -> int:
+    from kernels.compile_gate import compile_gate, format_summary, format_table  # noqa: PLC0415
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    try:
+        report = compile_gate(split(args.arch), args.shapes, split(args.dtypes), kept_only=args.kept_only,
+                              extension=not args.no_extension, processes=args.processes, out=args.out)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    print(format_table(report["rows"] + report["extension"]))
+    print()
+    print(format_summary(report["summary"]))
+    print(f"{len(report['rows']) + len(report['extension'])} compiles in {report['seconds']} s; "
+          f"results written to {report['path']}")
+    for failure in report["failures"]:
+        print(f"FAIL: {failure}")
+    return 1 if report["failures"] else 0
+
+
 def run(args: argparse.Namespace) -> int:
-    return {"kernels": _run_kernels, "data": _run_data}[args.what](args)
+    return {"kernels": _run_kernels, "data": _run_data, "compile": _run_compile}[args.what](args)
