@@ -1,18 +1,28 @@
 """OpenS2V step-5 annotation entries (upstream.md §4.1) parsed into typed records.
 
 Reads the current format (`face_cap_qwen`) and the older variants (`cap: [str]`, keys ending in
-`_step6`). A missing or malformed field is a `BadSample('missing-field' | 'bad-field')` naming
-the JSON file, the clip key and the dotted field path; `metadata.path` that escapes the video
-directory (absolute, or `..`) is rejected.
+`_step6`). Every field read is checked (type, finiteness, length, range) by the `_number` /
+`_numbers` / `_get` helpers: a missing or malformed one is a `BadSample('missing-field' |
+'bad-field')` naming the JSON file, the clip key and the dotted field path, never a raw
+ValueError / TypeError out of the dataloader. `metadata.path` that escapes the video directory
+(absolute, or `..`) is rejected here; symlinks are resolved where the file is opened
+(data/paths.py).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Optional
 
+from data.paths import safe_relpath  # noqa: F401  (re-exported: data/i2v.py imports it from here)
 from data.skips import BadSample
+
+# Frame indices, pixel coordinates and mask sizes above this are no real video's (and would
+# overflow the int64 index arrays they become).
+MAX_INDEX = 2 ** 31 - 1
+SCORE_FIELDS = ("tech", "motion", "aesthetic")
 
 
 @dataclass
@@ -45,11 +55,16 @@ def load_annotation_file(path: Path) -> dict[str, Any]:
     """The top-level {clip key: entry} dict; an unreadable file is an error naming it."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError, and the int-digits limit
         raise ValueError(f"{path}: cannot read the OpenS2V annotation JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object keyed by clip id, got {type(data).__name__}")
     return data
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _get(entry: dict, dotted: str, where: str, kind=None):
@@ -63,12 +78,34 @@ def _get(entry: dict, dotted: str, where: str, kind=None):
     return node
 
 
-def safe_relpath(rel: str, where: str) -> str:
-    """A relative POSIX path that stays under its base directory."""
-    p = PurePosixPath(str(rel).replace("\\", "/"))
-    if p.is_absolute() or str(rel).startswith(("/", "\\")) or ".." in p.parts or not p.parts:
-        raise BadSample("unsafe-path", where, f"metadata.path {rel!r} escapes the video base directory")
-    return str(p)
+def _number(value: Any, dotted: str, where: str, integer: bool = False, minimum: Optional[float] = None):
+    """A finite JSON number (an int when `integer`: integral floats such as 3.0 are accepted),
+    at least `minimum`; anything else (strings, null, NaN, Infinity, bools) is a BadSample."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and isinstance(value, int):
+        ok = abs(value) <= MAX_INDEX if integer else abs(value) < 1e300  # huge JSON ints
+    elif ok:
+        ok = math.isfinite(value) and (not integer or (value.is_integer() and abs(value) <= MAX_INDEX))
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        raise BadSample("bad-field", where, f"field '{dotted}' must be {what}, got {_show(value)}")
+    value = int(value) if integer else float(value)
+    if minimum is not None and value < minimum:
+        raise BadSample("bad-field", where, f"field '{dotted}' must be >= {minimum}, got {value}")
+    return value
+
+
+def _numbers(value: Any, n: int, dotted: str, where: str, integer: bool = False,
+             minimum: Optional[float] = None) -> tuple:
+    """A JSON list of exactly `n` numbers, each checked by `_number`."""
+    if not isinstance(value, list) or len(value) != n:
+        raise BadSample("bad-field", where, f"field '{dotted}' must be a list of {n} numbers, got {_show(value)}")
+    return tuple(_number(v, f"{dotted}[{i}]", where, integer, minimum) for i, v in enumerate(value))
+
+
+def _optional_number(container: dict, name: str, dotted: str, where: str, default=None, integer: bool = False):
+    """An optional field: absent gives `default`; present (null included) it must be a number."""
+    return _number(container[name], dotted, where, integer) if name in container else default
 
 
 def _caption(meta: dict, where: str) -> str:
@@ -81,13 +118,26 @@ def _caption(meta: dict, where: str) -> str:
     raise BadSample("missing-field", where, "no caption: neither 'metadata.face_cap_qwen' nor 'metadata.cap[0]'")
 
 
-def _range(value, dotted: str, where: str) -> tuple[int, int]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2):
-        raise BadSample("bad-field", where, f"field '{dotted}' must be [start, end], got {value!r}")
-    s, e = int(value[0]), int(value[1])
-    if not 0 <= s < e:
-        raise BadSample("bad-field", where, f"field '{dotted}' = {[s, e]} is empty or negative")
-    return s, e
+def _frame_range(meta: dict, where: str) -> tuple[int, int]:
+    """`metadata.face_cut` (or the older `cut`) = [start, end) frames, non-empty."""
+    name = "face_cut" if "face_cut" in meta else "cut"
+    dotted = f"metadata.{name}"
+    if name not in meta:
+        raise BadSample("missing-field", where, "missing field 'metadata.face_cut' (or 'metadata.cut')")
+    start, end = _numbers(meta[name], 2, dotted, where, integer=True, minimum=0)
+    if not start < end:
+        raise BadSample("bad-field", where, f"field '{dotted}' = {[start, end]} is an empty range")
+    return start, end
+
+
+def _crop(meta: dict, where: str) -> Optional[tuple[int, int, int, int]]:
+    """`metadata.crop` = [x0, x1, y0, y1] pixels with x0 < x1 and y0 < y1, or None."""
+    if meta.get("crop") is None:
+        return None
+    x0, x1, y0, y1 = _numbers(meta["crop"], 4, "metadata.crop", where, integer=True, minimum=0)
+    if not (x0 < x1 and y0 < y1):
+        raise BadSample("bad-field", where, f"field 'metadata.crop' = {[x0, x1, y0, y1]} is empty (x0 < x1, y0 < y1)")
+    return x0, x1, y0, y1
 
 
 def parse_entry(key: str, entry: dict, json_path: str) -> ClipAnnotation:
@@ -97,37 +147,63 @@ def parse_entry(key: str, entry: dict, json_path: str) -> ClipAnnotation:
         raise BadSample("bad-field", where, "entry is not an object")
     meta = _get(entry, "metadata", where, dict)
     rel = safe_relpath(_get(entry, "metadata.path", where, str), where)
-    face_cut = _range(meta.get("face_cut", meta.get("cut")), "metadata.face_cut", where)
-    crop = meta.get("crop")
-    if crop is not None and not (isinstance(crop, (list, tuple)) and len(crop) == 4):
-        raise BadSample("bad-field", where, f"field 'metadata.crop' must be [x0, x1, y0, y1], got {crop!r}")
+    face_cut, crop = _frame_range(meta, where), _crop(meta, where)
     frame_data = _get(entry, "annotation.ann_frame_data", where, dict)
-    ann_idx = _get(entry, "annotation.ann_frame_data.ann_frame_idx", where)
-    try:
-        ann_idx = int(ann_idx)
-    except (TypeError, ValueError) as exc:
-        raise BadSample("bad-field", where, f"field 'annotation.ann_frame_data.ann_frame_idx' = {ann_idx!r}") from exc
-    subjects = _subjects(entry, frame_data, ann_idx, where)
-    scores = {name: float(meta[name]) for name in ("tech", "motion", "aesthetic") if isinstance(meta.get(name), (int, float))}
-    return ClipAnnotation(key=key, json_path=json_path, video_relpath=rel, face_cut=face_cut,
-                          crop=tuple(int(v) for v in crop) if crop is not None else None,
-                          num_frames=int(meta["num_frames"]) if isinstance(meta.get("num_frames"), (int, float)) else None,
-                          caption=_caption(meta, where), ann_frame_idx=ann_idx, subjects=subjects, scores=scores)
+    ann_idx = _number(_get(entry, "annotation.ann_frame_data.ann_frame_idx", where),
+                      "annotation.ann_frame_data.ann_frame_idx", where, integer=True, minimum=0)
+    scores = {name: _number(meta[name], f"metadata.{name}", where)
+              for name in SCORE_FIELDS if name in meta}
+    num_frames = _optional_number(meta, "num_frames", "metadata.num_frames", where, integer=True)
+    return ClipAnnotation(key=key, json_path=json_path, video_relpath=rel, face_cut=face_cut, crop=crop,
+                          num_frames=num_frames, caption=_caption(meta, where), ann_frame_idx=ann_idx,
+                          subjects=_subjects(entry, frame_data, ann_idx, where), scores=scores)
 
 
 def _subjects(entry: dict, frame_data: dict, ann_idx: int, where: str) -> list[SubjectAnnotation]:
     anns = _get(entry, "annotation.ann_frame_data.annotations", where, list)
-    masks = _get(entry, "annotation.mask_annotation", where, dict).get(str(ann_idx), {})
+    masks = _frame_masks(entry, ann_idx, where)
     out = []
     for i, ann in enumerate(anns, start=1):
-        if not isinstance(ann, dict) or "class_name" not in ann:
-            raise BadSample("missing-field", where, f"field 'annotation.ann_frame_data.annotations[{i - 1}].class_name'")
-        bbox = ann.get("bbox", (0, 0, 0, 0))
+        dotted = f"annotation.ann_frame_data.annotations[{i - 1}]"
+        if not isinstance(ann, dict):
+            raise BadSample("bad-field", where, f"field '{dotted}' must be an object, got {_show(ann)}")
+        if not isinstance(ann.get("class_name"), str):
+            kind = "missing-field" if ann.get("class_name") is None else "bad-field"
+            raise BadSample(kind, where, f"field '{dotted}.class_name' must be a string, got {_show(ann.get('class_name'))}")
+        bbox = (0.0, 0.0, 0.0, 0.0) if ann.get("bbox") is None else _numbers(ann["bbox"], 4, f"{dotted}.bbox", where)
+        rle = masks.get(str(i))
+        if rle is not None:
+            _check_rle(rle, f"annotation.mask_annotation.{ann_idx}.{i}", where)
         out.append(SubjectAnnotation(
-            ann_id=str(i), class_name=str(ann["class_name"]), bbox=tuple(float(v) for v in bbox),
-            gme_score=float(ann.get("gme_score", 0.0)), aes_score=float(ann.get("aes_score", 0.0)),
-            rle=masks.get(str(i))))
+            ann_id=str(i), class_name=ann["class_name"], bbox=bbox,
+            gme_score=_optional_number(ann, "gme_score", f"{dotted}.gme_score", where, 0.0),
+            aes_score=_optional_number(ann, "aes_score", f"{dotted}.aes_score", where, 0.0), rle=rle))
     usable = [s for s in out if s.rle is not None]
     if not usable:
         raise BadSample("missing-field", where, f"no subject mask in 'annotation.mask_annotation.{ann_idx}'")
     return usable
+
+
+def _frame_masks(entry: dict, ann_idx: int, where: str) -> dict:
+    """`annotation.mask_annotation.<ann_frame_idx>`: {subject id: RLE}, empty when absent."""
+    masks = _get(entry, "annotation.mask_annotation", where, dict).get(str(ann_idx), {})
+    if not isinstance(masks, dict):
+        raise BadSample("bad-field", where, f"field 'annotation.mask_annotation.{ann_idx}' must be an object "
+                                            f"{{subject id: RLE}}, got {type(masks).__name__}")
+    return masks
+
+
+def _check_rle(rle: Any, dotted: str, where: str) -> None:
+    """A COCO RLE object: `size` = [H, W] positive ints, `counts` a string or a list of ints.
+    Whether the runs are consistent, and the size the frame's, is checked before decoding
+    (data/subjects.py)."""
+    if not isinstance(rle, dict):
+        raise BadSample("bad-field", where, f"field '{dotted}' must be an RLE object {{size, counts}}, got {_show(rle)}")
+    _numbers(rle.get("size"), 2, f"{dotted}.size", where, integer=True, minimum=1)
+    counts = rle.get("counts")
+    if isinstance(counts, list):
+        for j, c in enumerate(counts):
+            _number(c, f"{dotted}.counts[{j}]", where, integer=True, minimum=0)
+    elif not isinstance(counts, str):
+        raise BadSample("bad-field", where, f"field '{dotted}.counts' must be a string or a list of run lengths, "
+                                            f"got {_show(counts)}")

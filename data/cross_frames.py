@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from data.annotations import ClipAnnotation, SubjectAnnotation, load_annotation_file, parse_entry
+from data.paths import resolve_under
 from data.skips import BadSample
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,16 @@ class CrossFramePairs:
 
     def __init__(self, cluster_path: str | Path, pairs_base: str | Path, parts: list[tuple[str | Path, str | Path]]):
         """parts: (annotation json path, video base path) of every part that clusters may reference."""
-        self.pairs_base = Path(pairs_base)
+        self.pairs_base, self.cluster_path = Path(pairs_base), Path(cluster_path)
         try:
             clusters = json.loads(Path(cluster_path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise ValueError(f"{cluster_path}: cannot read the step-6 cluster file: {exc}") from exc
+        if not isinstance(clusters, dict):
+            raise ValueError(f"{cluster_path}: expected {{cluster id: [clip id, ...]}}, got {type(clusters).__name__}")
+        for cid, members in clusters.items():
+            if not isinstance(members, list):
+                raise ValueError(f"{cluster_path}: cluster '{cid}' must be a list of clip ids, got {type(members).__name__}")
         self.cluster_of = {_clip_key(member): cid for cid, members in clusters.items() for member in members}
         self.entries: dict[str, tuple[dict, str, Path]] = {}
         for json_path, video_base in parts:
@@ -37,12 +43,17 @@ class CrossFramePairs:
         self._pairs: dict[str, list[dict]] = {}
 
     def _pairs_of(self, cluster_id: str) -> list[dict]:
+        """`<pairs_base>/<cluster id>.json` (its real path inside pairs_base): a list of pair objects."""
         if cluster_id not in self._pairs:
-            path = self.pairs_base / f"{cluster_id}.json"
+            path = resolve_under(self.pairs_base, f"{cluster_id}.json", f"{self.cluster_path}[{cluster_id}]",
+                                 "cluster id (names the pairs file)")
             try:
-                self._pairs[cluster_id] = json.loads(path.read_text()) if path.is_file() else []
-            except json.JSONDecodeError as exc:
-                raise BadSample("bad-pairs-file", str(path), str(exc)) from exc
+                pairs = json.loads(path.read_text()) if path.is_file() else []
+            except (OSError, ValueError) as exc:
+                raise BadSample("bad-pairs-file", str(path), str(exc)[:200]) from exc
+            if not isinstance(pairs, list) or not all(isinstance(p, dict) for p in pairs):
+                raise BadSample("bad-pairs-file", str(path), "expected a list of pair objects {cur_id, aft_id, ...}")
+            self._pairs[cluster_id] = pairs
         return self._pairs[cluster_id]
 
     def video_base_for(self, key: str) -> Path:

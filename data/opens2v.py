@@ -30,6 +30,7 @@ from data.annotations import ClipAnnotation, SubjectAnnotation, load_annotation_
 from data.batch import OpenS2VBatch, stack_for_transfer
 from data.cross_frames import CrossFramePairs
 from data.options import DatasetOptions
+from data.paths import resolve_under
 from data.skips import BadSample, SkipLedger, TooManyBadSamples
 from data.subjects import cut_out, decode_mask, frame_for_mask, letterbox, select_subjects
 from data.video import (crop_box, empty_for_transfer, image_to_model, load_clip, load_rgb_image, open_video,
@@ -147,7 +148,7 @@ class OpenS2VAdapterDataset(Dataset):
         opt, plan = self.options, self.plan(index)
         ann, indices = plan.ann, plan.frame_indices
         same_clip = plan.subject_source is ann
-        video, extra = load_clip(self.video_base / ann.video_relpath, indices, ann.crop, opt.height, opt.width,
+        video, extra = load_clip(self._video_of(ann), indices, ann.crop, opt.height, opt.width,
                                  extra_indices=[ann.ann_frame_idx] if same_clip else [], out=video_out)
         subjects, frame = self._subjects(plan, extra.get(ann.ann_frame_idx))
         sample = {
@@ -174,15 +175,17 @@ class OpenS2VAdapterDataset(Dataset):
             frame = read_frames(open_video(path), path, [source.ann_frame_idx])[0]
         out = []
         for subj in chosen:
-            mask = decode_mask(subj.rle, where)
-            img = cut_out(frame_for_mask(frame, mask, source.crop, where), mask)
+            field = f"annotation.mask_annotation.{source.ann_frame_idx}.{subj.ann_id}"
+            region = frame_for_mask(frame, subj.rle, source.crop, where, field)  # size checked before decoding
+            img = cut_out(region, decode_mask(subj.rle, where, field))
             out.append({"image": letterbox(img, *opt.reference_size), "class_name": subj.class_name,
                         "gme_score": subj.gme_score, "aes_score": subj.aes_score})
         return out, crop_box(frame, ann.crop, str(path)) if source is ann else frame
 
     def _video_of(self, ann: ClipAnnotation) -> Path:
+        """The clip's video, its real path inside its part's video directory (or BadSample)."""
         base = self.cross_frames.video_base_for(ann.key) if (self.cross_frames and ann.key not in self.entries) else self.video_base
-        return base / ann.video_relpath
+        return resolve_under(base, ann.video_relpath, f"{ann.json_path}[{ann.key}]", "metadata.path")
 
     def _resize_image(self, image: np.ndarray) -> torch.Tensor:
         """[h, w, 3] uint8 -> [3, H, W] in [-1, 1], cover-resized like the video."""
@@ -194,15 +197,18 @@ class OpenS2VAdapterDataset(Dataset):
         files after the video)."""
         if self.background_base is None:
             raise ValueError("opens2v.background_base_paths is required when return_background is on")
-        key = ann.key
-        stems = [key, f"{key}_step5", key.removesuffix("_step6"), key.removesuffix("_step6") + "_step5",
-                 Path(ann.video_relpath).stem]
-        for stem in dict.fromkeys(stems):
-            path = self.background_base / f"{stem}.png"
+        key, base_key = ann.key, ann.key.removesuffix("_step6")
+        named_by: dict[str, str] = {}  # file stem -> the JSON field it comes from, in lookup order
+        for stem in (key, f"{key}_step5", base_key, f"{base_key}_step5"):
+            named_by.setdefault(stem, "clip key")
+        named_by.setdefault(Path(ann.video_relpath).stem, "metadata.path")
+        for stem, field in named_by.items():
+            path = resolve_under(self.background_base, f"{stem}.png", f"{ann.json_path}[{key}]",
+                                 f"background named by the {field}")
             if path.is_file():
                 return load_rgb_image(path, self.options.section.image_policy)
         raise BadSample("missing-background", str(self.background_base / f"{key}.png"),
-                        f"no background image (tried {', '.join(s + '.png' for s in dict.fromkeys(stems))})")
+                        f"no background image (tried {', '.join(s + '.png' for s in named_by)})")
 
 
 class MultiPartOpenS2VAdapterDataset(torch.utils.data.ConcatDataset):

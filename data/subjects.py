@@ -14,8 +14,9 @@ SUBJECT_SELECTIONS = ("first", "random", "best_score")
 WHITE = 255
 
 
-def decode_mask(rle: dict, where: str) -> np.ndarray:
-    """COCO RLE ({'size': [H, W], 'counts': str}) -> [H, W] bool; corrupt RLE is a BadSample."""
+def decode_mask(rle: dict, where: str, field: str = "rle") -> np.ndarray:
+    """COCO RLE ({'size': [H, W], 'counts': str}) -> [H, W] bool; corrupt RLE is a BadSample.
+    Check the declared size first (`frame_for_mask`): a few bytes can declare a huge mask."""
     from pycocotools import mask as mask_utils  # noqa: PLC0415
 
     try:
@@ -31,9 +32,9 @@ def decode_mask(rle: dict, where: str) -> np.ndarray:
             raise ValueError(f"runs sum to {sum(runs)} for a {size[0]}x{size[1]} mask")
         m = mask_utils.decode({"size": size, "counts": counts})
     except Exception as exc:  # pycocotools raises TypeError/ValueError/KeyError on junk
-        raise BadSample("corrupt-rle", where, f"cannot decode the RLE mask: {exc}") from exc
+        raise BadSample("corrupt-rle", where, f"field '{field}': cannot decode the RLE mask: {exc}") from exc
     if m.shape[:2] != tuple(size) or m.sum() == 0:
-        raise BadSample("corrupt-rle", where, f"RLE decodes to an empty or mis-sized mask {m.shape}")
+        raise BadSample("corrupt-rle", where, f"field '{field}': RLE decodes to an empty or mis-sized mask {m.shape}")
     return m.astype(bool)
 
 
@@ -96,13 +97,21 @@ def select_subjects(subjects: list[SubjectAnnotation], how: str, k: int, rng: np
     raise ValueError(f"subject_selection must be one of {SUBJECT_SELECTIONS}, got {how!r}")
 
 
-def frame_for_mask(frame: np.ndarray, mask: np.ndarray, crop, where: str) -> np.ndarray:
-    """The frame in the mask's coordinates: the full frame, or the `metadata.crop` region when the
-    mask was drawn on the cropped frame; anything else is a BadSample."""
-    if frame.shape[:2] == mask.shape:
+def frame_for_mask(frame: np.ndarray, rle: dict, crop, where: str, field: str = "rle") -> np.ndarray:
+    """The frame in the mask's coordinates, chosen from the RLE's declared `size` BEFORE it is
+    decoded (7 bytes of RLE can declare a 20000 x 20000 mask): the full frame, or the
+    `metadata.crop` region when the mask was drawn on the cropped frame; any other size is a
+    BadSample naming the field."""
+    try:
+        size = tuple(int(v) for v in rle["size"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BadSample("corrupt-rle", where, f"field '{field}.size' is not [H, W]: {exc}") from exc
+    if size == frame.shape[:2]:
         return frame
     if crop is not None:
         x0, x1, y0, y1 = crop
-        if (y1 - y0, x1 - x0) == mask.shape:
-            return frame[y0:y1, x0:x1]
-    raise BadSample("mask-size-mismatch", where, f"mask {mask.shape} does not fit the frame {frame.shape[:2]}")
+        region = frame[y0:y1, x0:x1]
+        if region.shape[:2] == size:  # a crop past the frame's edge slices short: no match
+            return region
+    raise BadSample("mask-size-mismatch", where,
+                    f"field '{field}.size' = {list(size)} fits neither the frame {frame.shape[:2]} nor its crop")
