@@ -167,15 +167,16 @@ def _subjects(entry: dict, frame_data: dict, ann_idx: int, where: str) -> list[S
         dotted = f"annotation.ann_frame_data.annotations[{i - 1}]"
         if not isinstance(ann, dict):
             raise BadSample("bad-field", where, f"field '{dotted}' must be an object, got {_show(ann)}")
-        if not isinstance(ann.get("class_name"), str):
-            kind = "missing-field" if ann.get("class_name") is None else "bad-field"
-            raise BadSample(kind, where, f"field '{dotted}.class_name' must be a string, got {_show(ann.get('class_name'))}")
+        name = ann.get("class_name")
+        if not isinstance(name, str):
+            kind = "missing-field" if name is None else "bad-field"
+            raise BadSample(kind, where, f"field '{dotted}.class_name' must be a string, got {_show(name)}")
         bbox = (0.0, 0.0, 0.0, 0.0) if ann.get("bbox") is None else _numbers(ann["bbox"], 4, f"{dotted}.bbox", where)
         rle = masks.get(str(i))
         if rle is not None:
             _check_rle(rle, f"annotation.mask_annotation.{ann_idx}.{i}", where)
         out.append(SubjectAnnotation(
-            ann_id=str(i), class_name=ann["class_name"], bbox=bbox,
+            ann_id=str(i), class_name=name, bbox=bbox,
             gme_score=_optional_number(ann, "gme_score", f"{dotted}.gme_score", where, 0.0),
             aes_score=_optional_number(ann, "aes_score", f"{dotted}.aes_score", where, 0.0), rle=rle))
     usable = [s for s in out if s.rle is not None]
@@ -198,7 +199,8 @@ def _check_rle(rle: Any, dotted: str, where: str) -> None:
     Whether the runs are consistent, and the size the frame's, is checked before decoding
     (data/subjects.py)."""
     if not isinstance(rle, dict):
-        raise BadSample("bad-field", where, f"field '{dotted}' must be an RLE object {{size, counts}}, got {_show(rle)}")
+        raise BadSample("bad-field", where,
+                        f"field '{dotted}' must be an RLE object {{size, counts}}, got {_show(rle)}")
     _numbers(rle.get("size"), 2, f"{dotted}.size", where, integer=True, minimum=1)
     counts = rle.get("counts")
     if isinstance(counts, list):

@@ -34,7 +34,8 @@ class CrossFramePairs:
             raise ValueError(f"{cluster_path}: expected {{cluster id: [clip id, ...]}}, got {type(clusters).__name__}")
         for cid, members in clusters.items():
             if not isinstance(members, list):
-                raise ValueError(f"{cluster_path}: cluster '{cid}' must be a list of clip ids, got {type(members).__name__}")
+                raise ValueError(f"{cluster_path}: cluster '{cid}' must be a list of clip ids, "
+                                 f"got {type(members).__name__}")
         self.cluster_of = {_clip_key(member): cid for cid, members in clusters.items() for member in members}
         self.entries: dict[str, tuple[dict, str, Path]] = {}
         for json_path, video_base in parts:
