@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "benchmarks: kernels (side by side with the stock paths) or data (loader clips/s)"),
     "make-demo-data": ("make_demo_data", "write a small synthetic dataset in the OpenS2V on-disk layout"),
     "build-kernels": ("build_kernels", "build the C++/CUDA extension ahead of time (ninja)"),
+    "launch": ("launch", "run `train` on every node of a hostfile through deepspeed (ssh, or --no-ssh per node)"),
+    "doctor": ("doctor", "check a hostfile, ssh, versions, NCCL variables, an all-reduce and the shared log dir"),
 }
 
 
