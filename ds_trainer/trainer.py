@@ -32,6 +32,7 @@ from ds_trainer.config import RunConfig
 from ds_trainer.distributed import all_reduce_scalar, any_rank, broadcast_object, default_device, init_distributed
 from ds_trainer.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from ds_trainer.metrics import MetricsLogger, peak_memory_mb, setup_logging
+from launch.shared_fs import require_shared_directories
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class Trainer:
         self.device = default_device()
         if self.rank == 0:
             self.logdir.mkdir(parents=True, exist_ok=True)
+        # rank 0 renames every finished checkpoint and all ranks read the cache: a node-local
+        # path is an error now, not a broken checkpoint later (no-op in a world of one)
+        require_shared_directories({"logdir": self.logdir, "cache_dir": getattr(cfg, "cache_dir", None)})
         self.ds_config = resolve_ds_config(read_ds_config(cfg.zero, cfg.deepspeed_config), cfg.batch_size,
                                            cfg.gradient_accumulation_steps, cfg.max_grad_norm,
                                            self.device.type == "cuda", self.world)

@@ -77,15 +77,17 @@ def shared_directory_problem(path: str | Path, what: str, wait_s: float = VISIBI
         if rank == 0:
             probe.unlink(missing_ok=True)
         blind = [f"{r} ({h})" for r, (h, ok) in enumerate(views) if not ok]
-        check = f"do not see the file rank 0 ({views[0][0]}) wrote there"
+        check = "cannot see the file rank 0 ({host0}) wrote there"
     else:
         views = _gather((host, _listing(path)))
         blind = [f"{r} ({h})" for r, (h, seen) in enumerate(views) if seen is None or seen != views[0][1]]
-        check = f"see other contents than rank 0 ({views[0][0]})"
+        check = "cannot see the contents rank 0 ({host0}) sees there"
     dist.barrier()
     if not blind:
         return None
-    return (f"{what} {path} is not shared by every node: rank{'s' if len(blind) > 1 else ''} {', '.join(blind)} "
+    plural = len(blind) > 1
+    check = check.format(host0=views[0][0])
+    return (f"{what} {path} is not shared by every node: rank{'s' if plural else ''} {', '.join(blind)} "
             f"{check}; multi-node runs need the log dir and the cache on a "
             f"filesystem every node sees")
 
