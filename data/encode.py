@@ -13,14 +13,23 @@ def encode_batch(encoders, batch: OpenS2VBatch, clip: bool) -> EncodedInputs:
 
     Float32 results on the encoders' device, in the layout of data/batch.py."""
     vae = encoders.vae
-    dev = vae.model.device
-    latents = vae.encode(batch.video.to(dev, vae.dtype)).float()
-    b, r = batch.subject_images.shape[:2]
-    images = batch.subject_images.flatten(0, 1).to(dev, vae.dtype)  # [B*R, 3, Hs, Ws]: the encoders' input
-    ref_vae = vae.encode(images[:, :, None])[:, :, 0].float().unflatten(0, (b, r))  # one-frame videos
-    ref_clip = encoders.clip.encode(images).float().unflatten(0, (b, r)) if clip else None
+    latents = vae.encode(batch.video.to(vae.model.device, vae.dtype)).float()
+    ref_vae, ref_clip = encode_subjects(encoders, batch.subject_images, clip)
     context, lens = encoders.t5.encode(batch.prompts)
     return EncodedInputs(latents, context.float(), lens.to(context.device), ref_vae, ref_clip)
+
+
+@torch.no_grad()
+def encode_subjects(encoders, subject_images: torch.Tensor, clip: bool):
+    """Subject images [B, R, 3, Hs, Ws] in [-1, 1] -> (ref_vae [B, R, 16, hs, ws], ref_clip
+    [B, R, K, C] or None): each image a one-frame video through the VAE, and through CLIP if
+    `clip`. Training, the cache and `wanspeed sample` all encode references here."""
+    vae = encoders.vae
+    b, r = subject_images.shape[:2]
+    images = subject_images.flatten(0, 1).to(vae.model.device, vae.dtype)  # [B*R, 3, Hs, Ws]: the encoders' input
+    ref_vae = vae.encode(images[:, :, None])[:, :, 0].float().unflatten(0, (b, r))  # one-frame videos
+    ref_clip = encoders.clip.encode(images).float().unflatten(0, (b, r)) if clip else None
+    return ref_vae, ref_clip
 
 
 @torch.no_grad()
