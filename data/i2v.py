@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
-from data.annotations import safe_relpath
 from data.opens2v import OpenS2VAdapterDataset
 from data.options import DatasetOptions
+from data.paths import resolve_under
 from data.skips import BadSample, SkipLedger, TooManyBadSamples
 from data.video import image_to_model, load_rgb_image
 
@@ -65,8 +65,8 @@ class I2VImageDataset(Dataset):
 
     def load(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        rel = safe_relpath(row["image"], f"{self.path}[row {index}]")
-        image = load_rgb_image(self.base / rel, self.image_policy)
+        image_path = resolve_under(self.base, row["image"], f"{self.path}[row {index}]", "image")
+        image = load_rgb_image(image_path, self.image_policy)
         return {"image": image_to_model(image, self.height, self.width), "prompt": row["prompt"]}
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -39,6 +39,25 @@ def test_missing_image_and_escaping_path_are_skipped(tmp_path):
     assert ds[0]["index"] == 2 and ds.ledger.by_kind == {"unsafe-path": 1, "missing-image": 1}
 
 
+def test_image_symlinked_out_of_the_base_dir_is_skipped(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    path = _rows(base, "jsonl")
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(outside)
+    (base / "img0.png").unlink()
+    (base / "img0.png").symlink_to(outside)
+    (base / "inside.png").symlink_to(base / "img1.png")  # a link that stays inside is followed
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({"prompt": "inside", "image": "inside.png"})
+    path.write_text("\n".join(lines))
+    ds = I2VImageDataset(path, height=32, width=48)
+    assert ds[0]["index"] == 1 and ds.ledger.by_kind == {"unsafe-path": 1}
+    (detail,) = ds.ledger.last_detail.values()
+    assert "field 'image'" in detail and str(outside) in detail
+    assert ds[2]["prompt"] == "inside"
+
+
 def test_row_without_prompt_names_the_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"prompt": "ok", "image": "a.png"}) + "\n" + json.dumps({"image": "b.png"}))
