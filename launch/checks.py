@@ -9,6 +9,8 @@ from typing import Any, Optional
 from packaging.version import InvalidVersion, Version
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+REPORT_TAG = "WANSPEED_DOCTOR_REPORT"
+"""Rank 0 of launch/rank_check.py prints `REPORT_TAG <json>`, the report judged here."""
 
 
 @dataclass(frozen=True)

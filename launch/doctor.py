@@ -17,13 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
-from launch.checks import FAIL, OK, Finding, report_findings
+from launch.checks import FAIL, OK, REPORT_TAG, Finding, report_findings
 from launch.environment import DEEPSPEED_ENV_FILE
 from launch.hostfile import HostfileError
 from launch.monitor import run_watched
-from launch.rank_check import REPORT_TAG
-from launch.runner import LaunchError, LaunchPlan, check_plan, deepspeed_command, launch_environment
-from launch.ssh import unreachable_hosts, unreachable_message
+from launch.runner import LaunchError, LaunchPlan, check_plan, deepspeed_command, launch_environment, ssh_problems
 
 SMOKE_TEST_MODULE = "launch.rank_check"
 OUTPUT_TAIL_LINES = 25
@@ -44,9 +42,9 @@ def preflight(plan: LaunchPlan) -> tuple[list[Finding], Optional[dict]]:
     elif len(resources) == 1:
         out.append(Finding(OK, "ssh", "not needed (one host)"))
     else:
-        bad = unreachable_hosts(list(resources), plan.ssh_port)
-        out += [Finding(FAIL, "ssh", unreachable_message(h, p)) for h, p in bad.items()]
-        if bad:
+        problems = ssh_problems(plan, resources)
+        out += [Finding(FAIL, "ssh", p) for p in problems]
+        if problems:
             return out, None
         out.append(Finding(OK, "ssh", "every host answers passwordless ssh"))
     return out, resources

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launch.checks import REPORT_TAG
 from launch.node_facts import collect
 from launch.shared_fs import shared_directory_problem
 
-REPORT_TAG = "WANSPEED_DOCTOR_REPORT"
 WARMUP_ITERS = 2
 
 

@@ -82,17 +82,22 @@ def check_plan(plan: LaunchPlan) -> "OrderedDict[str, list[int]]":
     return resources
 
 
-def check_ssh(plan: LaunchPlan, resources: Mapping[str, list[int]]) -> None:
-    """With ssh and more than one node: pdsh installed and every host reachable (LaunchError naming it)."""
+def ssh_problems(plan: LaunchPlan, resources: Mapping[str, list[int]]) -> list[str]:
+    """With ssh and more than one node: one line for each host that passwordless ssh does not
+    reach, and one if pdsh (DeepSpeed's multi-node launcher) is missing."""
     if plan.no_ssh or len(resources) < 2:
-        return
+        return []
+    problems = [unreachable_message(h, p) for h, p in unreachable_hosts(list(resources), plan.ssh_port).items()]
     if shutil.which("pdsh") is None:
-        raise LaunchError("pdsh is not installed: DeepSpeed's multi-node launcher starts the remote ranks with it; "
-                          "install pdsh on this node, or launch with --no-ssh (one launcher per node)")
-    bad = unreachable_hosts(list(resources), plan.ssh_port)
-    if bad:
-        host = next(iter(bad))
-        raise LaunchError(unreachable_message(host, bad[host]))
+        problems.append("pdsh is not installed: DeepSpeed's multi-node launcher starts the remote ranks with it; "
+                        "install pdsh on this node, or launch with --no-ssh (one launcher per node)")
+    return problems
+
+
+def check_ssh(plan: LaunchPlan, resources: Mapping[str, list[int]]) -> None:
+    problems = ssh_problems(plan, resources)
+    if problems:
+        raise LaunchError(problems[0])
 
 
 def deepspeed_command(plan: LaunchPlan, module: str, module_args: list[str],
