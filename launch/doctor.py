@@ -37,10 +37,8 @@ def preflight(plan: LaunchPlan) -> tuple[list[Finding], Optional[dict]]:
     out = [Finding(OK, "hostfile", f"{plan.hostfile}: {len(resources)} hosts, "
                                    f"{sum(map(len, resources.values()))} ranks ({slots})")]
     if plan.no_ssh:
-        out.append(Finding(OK, "ssh", f"not used (--no-ssh): each node runs its own launcher; run this doctor on "
-                                      f"every node with its --node-rank, node 0 prints the report"))
-    elif len(resources) == 1:
-        out.append(Finding(OK, "ssh", "not needed (one host)"))
+        out.append(Finding(OK, "ssh", "not used (--no-ssh): each node runs its own launcher; run this doctor on "
+                                      "every node with its --node-rank, node 0 prints the report"))
     else:
         problems = ssh_problems(plan, resources)
         out += [Finding(FAIL, "ssh", p) for p in problems]

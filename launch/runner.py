@@ -83,12 +83,13 @@ def check_plan(plan: LaunchPlan) -> "OrderedDict[str, list[int]]":
 
 
 def ssh_problems(plan: LaunchPlan, resources: Mapping[str, list[int]]) -> list[str]:
-    """With ssh and more than one node: one line for each host that passwordless ssh does not
-    reach, and one if pdsh (DeepSpeed's multi-node launcher) is missing."""
-    if plan.no_ssh or len(resources) < 2:
+    """With ssh: one line for each host that passwordless ssh does not reach (DeepSpeed's runner
+    ssh-checks a hostfile's first host even when it is the only one), and one if pdsh (its
+    multi-node launcher) is missing where there are several nodes."""
+    if plan.no_ssh:
         return []
     problems = [unreachable_message(h, p) for h, p in unreachable_hosts(list(resources), plan.ssh_port).items()]
-    if shutil.which("pdsh") is None:
+    if len(resources) > 1 and shutil.which("pdsh") is None:
         problems.append("pdsh is not installed: DeepSpeed's multi-node launcher starts the remote ranks with it; "
                         "install pdsh on this node, or launch with --no-ssh (one launcher per node)")
     return problems
@@ -149,7 +150,7 @@ def _logdir(command: list[str]) -> Optional[Path]:
 def check_command(command: list[str]) -> Path:
     """The wanspeed command to run on every rank; returns its log dir."""
     if not command:
-        raise LaunchError(f"no command to launch: put one after '--', e.g. -- train --config C --logdir D")
+        raise LaunchError("no command to launch: put one after '--', e.g. -- train --config C --logdir D")
     if command[0] not in LAUNCHABLE:
         raise LaunchError(f"{command[0]!r} cannot be launched on every rank; launchable: {', '.join(LAUNCHABLE)}")
     logdir = _logdir(command)

@@ -66,6 +66,12 @@ def test_unreachable_hosts_are_named_one_line_each_and_no_smoke_test_runs(tmp_pa
     for finding, host in zip(ssh, ("node-x.invalid", "node-y.invalid")):
         assert finding.detail.startswith(f"host '{host}' is not reachable by passwordless ssh (")
         assert "--no-ssh" in finding.detail and "\n" not in finding.detail
+    assert ssh[-1].detail.startswith("pdsh is not installed") or len(ssh) == 2  # this machine has no pdsh
+    # one host: DeepSpeed's runner still ssh-checks it (no pdsh needed)
+    (tmp_path / "one").mkdir()
+    findings, resources = preflight(LaunchPlan(write_hostfile(tmp_path / "one", "node-x.invalid slots=1\n")))
+    assert resources is None and [f.detail.split(" is not")[0] for f in findings if f.check == "ssh"] == \
+        ["host 'node-x.invalid'"]
     # wanspeed launch refuses the same hostfile with the first host's line
     assert wanspeed(["launch", "--hostfile", str(hostfile), "--", "train", "--config", "c", "--logdir",
                      str(tmp_path / "run")]) == 2

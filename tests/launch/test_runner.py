@@ -2,7 +2,6 @@
 and the SIGKILL message on real killed children."""
 import logging
 import stat
-import subprocess
 import sys
 
 import pytest
