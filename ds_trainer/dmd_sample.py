@@ -16,35 +16,24 @@ def rollout_video(logdir: Path, checkpoint: Optional[Path] = None, index: int = 
                   out: Optional[Path] = None, fps: int = 8) -> Path:
     from data.encode import encode_i2v  # noqa: PLC0415
     from data.i2v import collate_i2v_batch  # noqa: PLC0415
+    from ds_trainer.causal_sample import load_causal_generator, stream_rollout  # noqa: PLC0415
     from ds_trainer.config import load_train_config  # noqa: PLC0415
     from ds_trainer.dmd_trainer import DMDTrainer  # noqa: PLC0415
     from ds_trainer.sample import write_mp4  # noqa: PLC0415
-    from ds_trainer.self_forcing import self_forcing_rollout, warped_steps  # noqa: PLC0415
-    from model.causal import CausalWanModel, frame_blocks  # noqa: PLC0415
-    from model.checkpoint import strip_wrapper_prefix  # noqa: PLC0415
     from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
-    from model.flow_matching import FlowMatchingScheduler  # noqa: PLC0415
 
-    cfg = load_train_config(Path(logdir) / "config.yaml")
+    config = Path(logdir) / "config.yaml"
+    cfg = load_train_config(config)
     ckpt = checkpoint or DMDTrainer.find_resumable(Path(logdir), cfg)
     if ckpt is None:
         raise SystemExit(f"{logdir}: no complete DMD checkpoint")
-    saved = torch.load(Path(ckpt) / "model.pt", map_location="cpu", weights_only=True)
-    weights, _ = strip_wrapper_prefix(saved.get("generator_ema") or saved["generator"])
-    causal = cfg.causal.causal_config()
-    model = CausalWanModel(cfg.generator.architecture(), causal)
-    model.load_state_dict(weights, strict=True)
-    model.eval()
+    model = load_causal_generator(cfg, Path(ckpt), str(config))
     encoders = load_frozen_encoders(cfg.encoders)
     dataset = DMDTrainer.dataset_of(cfg)
     batch = collate_i2v_batch([dataset[index]])
     cond, first = encode_i2v(encoders, batch["image"], batch["prompts"], cfg.num_training_frames)
-    scheduler = FlowMatchingScheduler(shift=cfg.timestep_shift)
-    steps = warped_steps(cfg.denoising_step_list, scheduler, cfg.warp_denoising_step)
-    blocks = len(frame_blocks(cfg.num_training_frames, causal))
     rng = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, 16, *cond.y.shape[2:]), generator=rng)
-    latents = self_forcing_rollout(model, model, noise, cond, first, causal, steps, [len(steps) - 1] * blocks,
-                                   scheduler, cfg.context_noise, grad=False, rng=rng)
+    latents = stream_rollout(model, cfg, cond, first, noise, rng)
     video = encoders.vae.decode(latents)[0]
     return write_mp4(video, batch["image"][0], out or Path(logdir) / "rollout.mp4", fps)

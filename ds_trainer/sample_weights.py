@@ -145,9 +145,10 @@ def check_compatible(trained: TrainedWeights, cfg: RunConfig, config_path: str) 
                                   + "; ".join(diffs))
 
 
-def load_into(model: torch.nn.Module, trained: TrainedWeights) -> torch.nn.Module:
+def load_into(model: torch.nn.Module, trained: TrainedWeights, assign: bool = False) -> torch.nn.Module:
     """Load the trained weights over the base (`strict=False`: base keys may be absent); a key the
-    model lacks or a tensor of another shape is refused by name. Returns the model."""
+    model lacks or a tensor of another shape is refused by name. `assign`: take the tensors as
+    they are (a model built on the meta device). Returns the model."""
     expected = model.state_dict()
     extra = sorted(set(trained.weights) - set(expected))
     wrong = [f"{k}: {tuple(v.shape)} vs the model's {tuple(expected[k].shape)}"
@@ -156,7 +157,7 @@ def load_into(model: torch.nn.Module, trained: TrainedWeights) -> torch.nn.Modul
         what = (f"keys the model lacks: {extra[:5]}" + (f" (and {len(extra) - 5} more)" if len(extra) > 5 else "")
                 if extra else f"tensors of other shapes: {wrong[:5]}")
         raise IncompatibleWeights(f"{trained.source} does not fit the model of this config: {what}")
-    model.load_state_dict(trained.weights, strict=False)
+    model.load_state_dict(trained.weights, strict=False, assign=assign)
     if trained.lora:
         from peft import set_peft_model_state_dict  # noqa: PLC0415
         result = set_peft_model_state_dict(model, trained.lora)

@@ -47,14 +47,16 @@ def draw_exit_steps(num_blocks: int, num_steps: int, generator: torch.Generator,
 def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: Conditioning,
                          first_latent: Optional[torch.Tensor], causal: CausalConfig, steps: list[float],
                          exits: list[int], scheduler: FlowMatchingScheduler, context_noise: float,
-                         grad: bool, rng: torch.Generator) -> torch.Tensor:
+                         grad: bool, rng: torch.Generator,
+                         on_block: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
     """Roll the causal generator over all blocks of `noise` [B, 16, F, h, w]; returns the x0 of
     every block, [B, 16, F, h, w].
 
     generator: what to call for a forward (a DeepSpeed engine or the model itself), taking
     `(x, t, block=BlockStep)`; model: the CausalWanModel (for its caches and cross-attention
     cache). first_latent [B, 16, 1, h, w]: the image latent (independent_first_frame). y of `cond`
-    is sliced per block. Gradients flow only through each block's exit step (when `grad`)."""
+    is sliced per block. Gradients flow only through each block's exit step (when `grad`).
+    on_block(index, x0 [B, 16, f, h, w]) is called as each block is done (streaming inference)."""
     b, _, f, h, w = noise.shape
     p = model.config.patch_size
     frame_tokens = (h // p[1]) * (w // p[2])
@@ -75,6 +77,8 @@ def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: 
         out.append(x0)
         with torch.no_grad():  # the clean pass that writes this block to the KV cache
             generator(x0.detach(), _full(b, context_noise, noise), block=step)
+        if on_block is not None:
+            on_block(index, x0.detach())
     return torch.cat(out, dim=2)
 
 

@@ -1,0 +1,103 @@
+"""`wanspeed sample`'s causal I2V mode on the tiny DMD config: the streamed mp4 equals generating every
+block then decoding once, the EMA generator is the one sampled, and bad input is a clear error."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ds_trainer.commands import main as wanspeed
+
+
+@pytest.fixture(scope="module")
+def dmd_ckpt(demo_config, tmp_path_factory):
+    """(config, checkpoint_model_ dir, first-frame png): model.pt in Self-Forcing's layout
+    ({"generator" | "generator_ema": {"model.<key>": ...}}, as the DMD job writes it) over the tiny
+    I2V base, the EMA perturbed so it differs from the generator, and the job's compatibility key."""
+    from PIL import Image
+
+    from ds_trainer.config import load_train_config
+    from ds_trainer.demo import prepare_dmd
+    from ds_trainer.dmd_trainer import DMDTrainer
+    from model.checkpoint import read_checkpoint, strip_wrapper_prefix
+
+    config = prepare_dmd(Path(demo_config).parent)
+    cfg = load_train_config(config)
+    base = strip_wrapper_prefix(read_checkpoint(cfg.generator_ckpt)[0])[0]
+    g = torch.Generator().manual_seed(0)
+    ema = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    ckpt = tmp_path_factory.mktemp("causal") / "checkpoint_model_000006"
+    ckpt.mkdir()
+    torch.save({"generator": {f"model.{k}": v for k, v in base.items()},
+                "generator_ema": {f"model.{k}": v for k, v in ema.items()}}, ckpt / "model.pt")
+    (ckpt / "meta.json").write_text(json.dumps({"compat": DMDTrainer.compatibility_key(cfg), "complete": True},
+                                               default=str))
+    yy, xx = np.mgrid[:64, :96]
+    frame = np.stack([(xx * 2.6).astype(np.uint8), (yy * 3.9).astype(np.uint8), np.full_like(xx, 90, np.uint8)], -1)
+    frame[20:44, 30:60] = (230, 40, 40)
+    Image.fromarray(frame).save(ckpt.parent / "first.png")
+    return config, ckpt, ckpt.parent / "first.png", ema
+
+
+def test_streamed_blocks_equal_generating_all_blocks_then_decoding(dmd_ckpt):
+    from ds_trainer.causal_sample import i2v_inputs, load_causal_generator, stream_rollout
+    from ds_trainer.config import load_train_config
+    from ds_trainer.stream_decode import StreamingDecoder
+    from model.encoders.bundle import load_frozen_encoders
+
+    config, ckpt, image, ema = dmd_ckpt
+    cfg = load_train_config(config)
+    model = load_causal_generator(cfg, ckpt, str(config))
+    torch.testing.assert_close(model.state_dict()["head.head.weight"], ema["head.head.weight"], rtol=0, atol=0)
+    encoders = load_frozen_encoders(cfg.encoders)
+    frames = 7  # longer than the 5 training frames: the image + 3 blocks of 2
+    cond, first, _ = i2v_inputs(cfg, encoders, image, "a red box", frames)
+
+    def noise_and_rng():
+        rng = torch.Generator().manual_seed(4)
+        return torch.randn((1, 16, *cond.y.shape[2:]), generator=rng), rng
+
+    decoder, streamed, order = StreamingDecoder(encoders.vae), [], []
+
+    def on_block(index, x0):
+        order.append((index, x0.shape[2]))
+        streamed.append(decoder.push(x0))
+
+    noise, rng = noise_and_rng()
+    latents = stream_rollout(model, cfg, cond, first, noise, rng, on_block)
+    decoder.close()
+    assert order == [(0, 1), (1, 2), (2, 2), (3, 2)]
+    assert [c.shape[2] for c in streamed] == [1, 8, 8, 8]  # pixel frames as each block finishes
+    torch.testing.assert_close(latents[:, :, :1], first)  # the image latent is the first block
+    noise, rng = noise_and_rng()
+    again = stream_rollout(model, cfg, cond, first, noise, rng)  # all blocks, no streaming
+    torch.testing.assert_close(again, latents, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(streamed, dim=2), encoders.vae.decode(again), rtol=0, atol=1e-6)
+
+
+def test_causal_sample_command_writes_the_requested_frames(dmd_ckpt, tmp_path, capsys):
+    import decord
+    config, ckpt, image, _ = dmd_ckpt
+    assert wanspeed(["sample", "--config", str(config), "--ckpt", str(ckpt), "--prompt", "a red box", "--image",
+                     str(image), "--frames", "25", "--grid", "--out", str(tmp_path / "v.mp4")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    reader = decord.VideoReader(str(tmp_path / "v.mp4"))
+    assert (len(reader), *reader[0].shape[:2]) == (25, 32, 48)
+    assert report["blocks"] == 4 and Path(report["grid"]).is_file()
+
+
+def test_causal_sample_command_names_what_is_wrong(dmd_ckpt, tmp_path):
+    config, ckpt, image, _ = dmd_ckpt
+    base = ["sample", "--config", str(config), "--ckpt", str(ckpt), "--prompt", "a", "--out", str(tmp_path / "v.mp4")]
+    with pytest.raises(SystemExit, match="needs the first frame: give it with --image"):
+        wanspeed(base)
+    with pytest.raises(SystemExit, match=r"--frames 13: 4 latent frames do not split into blocks"):
+        wanspeed(base + ["--image", str(image), "--frames", "13"])
+    with pytest.raises(SystemExit, match=r"--image .*missing\.png"):
+        wanspeed(base + ["--image", str(tmp_path / "missing.png")])
+    other = tmp_path / "other.yaml"
+    other.write_text(Path(config).read_text().replace("generator: {preset: tiny-i2v,",
+                                                      "generator: {preset: tiny-i2v, overrides: {num_layers: 1},"))
+    with pytest.raises(SystemExit, match=r"another model config .*generator\.num_layers: checkpoint 2 vs this run 1"):
+        wanspeed(["sample", "--config", str(other), *base[3:], "--image", str(image)])
