@@ -214,3 +214,38 @@ def test_sample_command_names_the_missing_subject_image_flag(demo_config, adapte
         _sample(demo_config, adapter_ckpt, tmp_path / "x.mp4")
     with pytest.raises(SystemExit, match="--subject-image: no such file"):
         _sample(demo_config, adapter_ckpt, tmp_path / "x.mp4", "--subject-image", str(tmp_path / "missing.png"))
+
+
+def test_lora_checkpoints_load_from_model_pt_or_the_peft_dir_merged_or_not(demo_config, tmp_path):
+    """A LoRA run's exports (AdapterTrainer.write_exports: model.pt, adapter.safetensors, lora/):
+    every form gives the trained model's output; --merge-lora folds LoRA in with the same output."""
+    from ds_trainer.adapter_trainer import AdapterTrainer
+    from ds_trainer.config import load_train_config
+    from ds_trainer.sample import build_generator
+    from ds_trainer.sample_weights import base_generator
+    from ds_trainer.trainable import apply_freeze, apply_lora, reference_trainable_patterns
+
+    config = tmp_path / "lora.yaml"
+    config.write_text(Path(demo_config).read_text().replace("# adapter: {", "adapter: {"))
+    cfg = load_train_config(config)
+    model = apply_lora(base_generator(cfg, cfg.wan_config()), cfg.adapter)
+    apply_freeze(model, reference_trainable_patterns(model.config))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ckpt = tmp_path / "checkpoint_opens2v_000002"
+    ckpt.mkdir()
+    AdapterTrainer.write_exports(types.SimpleNamespace(model=model, stage=0, cfg=cfg), ckpt)
+    x, t = torch.randn(1, 16, 2, 4, 6, generator=g), torch.tensor([500.0])
+    cond = Conditioning(torch.randn(1, 5, WAN_TINY.text_dim, generator=g), ref_vae=torch.randn(1, 1, 16, 4, 6, generator=g),
+                        ref_vae_lens=torch.tensor([24]), ref_clip=torch.randn(1, 1, 7, WAN_TINY.clip_dim, generator=g),
+                        ref_clip_lens=torch.tensor([7]))
+    with torch.no_grad():
+        expected = model.eval()(x, t, cond)
+        for source, merge in ((ckpt, False), (ckpt / "lora", False), (ckpt / "lora", True), (ckpt / "model.pt", True)):
+            got = build_generator(cfg, source, str(config), merge_lora=merge)(x, t, cond)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{source.name} merge={merge}")
+        with pytest.raises(ValueError, match="holds LoRA weights but .* has no `adapter` section"):
+            build_generator(load_train_config(demo_config), ckpt / "model.pt", str(demo_config))
