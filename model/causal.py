@@ -107,8 +107,7 @@ class CausalWanModel(WanModel):
             cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
         e, e0 = self.embed_time(t)
         ctx = self.embed_context(cond)
-        tokens = self.run_blocks(tokens, e0, (cos, sin), ctx, layout=layout)
-        out = self.head(tokens, e)
+        out = self.blocks_and_head(tokens, e, e0, (cos, sin), ctx, layout=layout)
         if clean_x is not None:
             out = out[:, f * frame_tokens:]
         return self.unpatchify(out, grid)
@@ -135,6 +134,9 @@ class CausalWanModel(WanModel):
         The block's roped K, V are written to `kv_caches` (so call it once per block with the
         latents the cache should hold, e.g. the clean ones after denoising).
         """
+        if self.sequence_parallel is not None:
+            raise NotImplementedError("the KV-cache rollout (forward_block) does not run sequence-parallel; "
+                                      "apply_sequence_parallel(model, None) first")
         if self.config.model_type == "i2v":
             y = require(y, "y", "an i2v model (this block's slice of mask + first-frame latent)")
             x = torch.cat([x, y.to(x.dtype)], dim=1)

@@ -28,6 +28,7 @@ from model.conditioning import Conditioning
 from model.config import VAE_Z_DIM, WanConfig
 from model.layers import (Head, MLPProj, WanLayerNorm, WanRMSNorm, gate, modulate, rope_apply,
                           rope_table, sinusoidal_embedding_1d, upcast)
+from model.sequence_parallel import ShardedSelfAttention
 
 # Parameters created by the reference adapters; the checkpoint loader lets these be missing.
 ADAPTER_MODEL_PREFIXES = ("clip_proj.", "vae_proj.")
@@ -88,7 +89,9 @@ class WanSelfAttention(nn.Module):
                 layout=None, kv_cache=None) -> torch.Tensor:
         """x: [B, L, dim]; rope: (cos, sin) [L, D/2] -> [B, L, dim].
 
-        layout: a BlockCausalLayout (block-causal training). kv_cache: a model.kv_cache.KVCache;
+        layout: a BlockCausalLayout (block-causal training), or under sequence parallelism a
+        model.sequence_parallel.ShardedSelfAttention (x is then this rank's shard).
+        kv_cache: a model.kv_cache.KVCache;
         the block's roped k, v are written to it and q attends to what it then holds, in place
         (in lookahead mode, to what it would hold, without writing).
         """
@@ -97,6 +100,8 @@ class WanSelfAttention(nn.Module):
             view = kv_cache.attend(k, v)
             out = self.backend.kv_cache_attention(q, view.k, view.v, view.sink_len, view.window_start,
                                                   view.window_len)
+        elif isinstance(layout, ShardedSelfAttention):
+            out = layout.attend(self.backend, q, k, v)
         elif layout is not None:
             out = self.backend.block_causal_attention(q, k, v, layout)
         else:
@@ -206,6 +211,9 @@ class WanModel(nn.Module):
             self.vae_proj = nn.Linear(VAE_Z_DIM, dim)
         self.gradient_checkpointing = False
         """Recompute each block in the backward pass while training (non-reentrant)."""
+        self.sequence_parallel = None
+        """A model.sequence_parallel.SequenceParallel (set by apply_sequence_parallel): blocks and
+        head run on this rank's token shard. None = the whole sequence here (SP = 1)."""
         for blk in self.blocks:
             blk.self_attn.fused_norm_rope = cfg.fused_qk_norm_rope
         if not hasattr(self.patch_embedding.weight, "ds_id"):  # under ZeRO-3 Init: filled after partitioning
@@ -285,8 +293,15 @@ class WanModel(nn.Module):
         e, e0 = self.embed_time(t)
         ctx = self.embed_context(cond)
         rope = rope_table(self.config.head_dim, grid, device=tokens.device)
-        tokens = self.run_blocks(tokens, e0, rope, ctx)
-        return self.unpatchify(self.head(tokens, e), grid)
+        return self.unpatchify(self.blocks_and_head(tokens, e, e0, rope, ctx), grid)
+
+    def blocks_and_head(self, tokens: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, rope, ctx: CrossContext,
+                        layout=None) -> torch.Tensor:
+        """tokens [B, L, dim] -> head output [B, L, prod(patch) * out_dim]; sequence-parallel
+        (sharded, gathered back) when `sequence_parallel` is set."""
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.run(self, tokens, e, e0, rope, ctx, layout)
+        return self.head(self.run_blocks(tokens, e0, rope, ctx, layout=layout), e)
 
     def run_blocks(self, tokens: torch.Tensor, e0: torch.Tensor, rope, ctx: CrossContext, layout=None) -> torch.Tensor:
         """All transformer blocks over the full sequence, recomputed in the backward pass when

@@ -1,0 +1,76 @@
+"""Sequence parallelism (model/sequence_parallel.py): SP = 2 equals SP = 1, forward and backward.
+
+One real 2-rank run (torchrun, gloo, DeepSpeed's DistributedAttention) for the whole module:
+tests/model/sp_parity_worker.py runs every case on both ranks; the tests read its JSON.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_trainer.distributed import free_port
+from model.sequence_parallel import SequenceParallelGroup, ShardPlan
+from tests.model.sp_parity_worker import CASES
+
+REPO = Path(__file__).resolve().parents[2]
+FLOAT64_CASES = [name for name, case in CASES.items() if case.get("dtype", torch.float64) == torch.float64]
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp") / "parity.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(REPO / "tests" / "model" / "sp_parity_worker.py"), str(out)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = json.loads(out.read_text())
+    assert [r["sp_rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    return ranks
+
+
+@pytest.mark.parametrize("case", FLOAT64_CASES)
+def test_sp2_output_and_every_gradient_equal_sp1(parity, case):
+    for rank in parity:
+        r = rank[case]
+        assert r["grads_compared"] == r["params"] and r["zero_grads"] == []
+        assert r["out_max_abs_diff"] < 1e-10 * max(1.0, r["out_max_abs"]), r
+        assert r["grad_max_abs_diff"] < 1e-10 * max(1.0, r["grad_max_abs"]), r
+        # each rank's own gradient is only its tokens' share: the group sum is what matches
+        assert r["own_share_max_abs_diff"] > 1e-3, r
+
+
+def test_fp32_parity_within_1e_5(parity):
+    for rank in parity:
+        r = rank["t2v_odd_shard_fp32"]
+        assert r["out_max_abs_diff"] < 1e-5 and r["grad_max_abs_diff"] < 1e-5 * max(1.0, r["grad_max_abs"]), r
+
+
+def test_the_cases_cover_odd_shards_padding_and_uneven_heads(parity):
+    r = parity[1]
+    assert r["t2v_odd_shard"]["shard_len"] == 9 and r["t2v_odd_shard"]["padding"] == 0
+    # per-frame timesteps: whole frames per shard (2 of the 3 frames of 6 tokens, one padded frame)
+    assert r["t2v_frames_padded"]["shard_len"] == 12 and r["t2v_frames_padded"]["padding"] == 6
+    assert r["causal_i2v_first_frame"]["padding"] == 3
+    assert r["uneven_heads_3_over_2"]["uneven_head_all2all_calls"] > 0
+    assert r["t2v_odd_shard"]["uneven_head_all2all_calls"] == 0
+
+
+def test_kv_cache_rollout_under_sp_is_a_clear_error(parity):
+    assert all("forward_block" in r["forward_block_error"] for r in parity)
+
+
+def test_shard_plan_pads_only_the_end():
+    sp = SequenceParallelGroup(group=None, size=4, rank=3)
+    plan = ShardPlan.make(length=21 * 6, frames=21, sp=sp)  # 21 frames of 6 tokens over 4 ranks
+    assert (plan.unit, plan.shard_len, plan.padded) == (6, 36, 144)
+    x = torch.arange(21 * 6, dtype=torch.float32).view(1, -1, 1)
+    shard = plan.shard(x)
+    assert shard.flatten()[:18].tolist() == list(range(108, 126)) and shard.flatten()[18:].eq(0).all()
+    assert ShardPlan.make(length=126, frames=1, sp=sp).shard_len == 32  # one timestep: token shards
+    e = torch.arange(21.0).view(1, 21, 1)
+    assert plan.shard_frames(e).flatten().tolist() == [18.0, 19.0, 20.0, 20.0, 20.0, 20.0]
