@@ -320,9 +320,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, VISITS, L, L0, FT, NF, FPB
 
 
 # live fp32 tiles per program: fwd acc | s; dq dq | p, dp; dkdv dk, dv | p, dp
-_fwd_tuned = autotuned(_fwd_kernel, FWD_CONFIGS, _KEY, rows="BLOCK_M", accumulators=1, scores=1)
-_bwd_dq_tuned = autotuned(_bwd_dq_kernel, DQ_CONFIGS, _KEY, rows="BLOCK_M", accumulators=1, scores=2)
-_bwd_dkdv_tuned = autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, _KEY, rows="BLOCK_N", accumulators=2, scores=2)
+_fwd_tuned = autotuned(_fwd_kernel, FWD_CONFIGS, _KEY, rows="BLOCK_M", accumulators=1, scores=1,
+                       name="bc_fwd")
+_bwd_dq_tuned = autotuned(_bwd_dq_kernel, DQ_CONFIGS, _KEY, rows="BLOCK_M", accumulators=1, scores=2,
+                          name="bc_bwd_dq")
+_bwd_dkdv_tuned = autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, _KEY, rows="BLOCK_N", accumulators=2, scores=2,
+                            name="bc_bwd_dkdv")
 
 
 # ----------------------------------------------------------------------------------- launcher

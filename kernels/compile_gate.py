@@ -10,10 +10,14 @@ and the shared memory Triton allocates from the kernel's metadata. The extension
 compiled with nvcc (`-cubin -Xptxas -v`) against torch's headers and read the same way, per
 `__global__` instantiation, cross-checked with `cuobjdump --dump-resource-usage`.
 
-Which configs: each kernel's autotune list (`<tuned>.configs`), marked `kept` when the kernel's
-own early prune (`prune_by_registers` with that kernel's live-tile counts) keeps it at these
-constexprs: the configs the autotuner may pick. Dropped configs are compiled too (one dtype)
-so the prune can be checked against the compiler both ways.
+Which configs: every config of each kernel's autotune list (`<tuned>.configs`), in every dtype
+and architecture. A row is `kept` when the kernel's own early prune (`prune_by_registers`) keeps
+it for that architecture: the configs the autotuner may pick. That prune reads the compiler's
+verdict from kernels/measured_spills.json, which this gate writes (`--update-table`): per kernel,
+architecture, dtype, BLOCK_D and variant, the configs compiled and those within SPILL_BUDGET.
+The register estimate the prune falls back on elsewhere is scored against the compiler here too
+(`estimate_kept` per row, the disagreements in the summary), since no single threshold on it
+separates the configs that spill from those that do not.
 
 Triton is imported lazily: this module is not a Triton kernel file (tests/kernels/test_import_graph.py)
 and imports nothing of ours outside kernels/.
@@ -50,7 +54,6 @@ SMEM_LIMIT = {"sm_90": 227 * 1024, "sm_100": 227 * 1024}
 SPILL_BUDGET = 64
 # "Heavy" spill for the prune's other direction: a config it drops must spill at least this
 # much on some architecture, or the prune dropped a config the compiler had no trouble with.
-HEAVY_SPILL = 256
 
 # Model shapes (compile-time values only: heads and head dim reach the kernels as constexprs;
 # lengths are runtime int32 arguments, not specialized).
@@ -110,6 +113,7 @@ class Job:
     num_stages: int
     kept: bool
     shapes: str = "wan-1.3b"
+    estimate_kept: Optional[bool] = None
 
     @property
     def config(self) -> str:
@@ -129,12 +133,14 @@ def _constexprs(job_or_spec_variant: dict, dtype: str, shapes: str) -> dict:
     return consts
 
 
-def configs_for(spec: KernelSpec, variant: dict, dtype: str = "bf16", shapes: str = "wan-1.3b"):
+def configs_for(spec: KernelSpec, variant: dict, dtype: str = "bf16", shapes: str = "wan-1.3b",
+                arch: str = "sm_90", measured: bool = True):
     """[(config, kept)] for the kernel's autotune list at these constexprs, `kept` by the
-    kernel's own early prune (what the autotuner would time)."""
+    kernel's own early prune on `arch` (what the autotuner would time there); `measured=False`:
+    by the register estimate alone."""
     fn, tuned = spec.resolve()
     consts = _constexprs(variant, dtype, shapes)
-    kept = tuned.early_config_prune(tuned.configs, {}, **consts)
+    kept = tuned.early_config_prune(tuned.configs, {}, arch=arch, measured=measured, **consts)
     return [(c, any(c is k for k in kept)) for c in tuned.configs]
 
 
@@ -150,22 +156,23 @@ def prune_estimate(spec: KernelSpec, config, variant: dict, dtype: str = "bf16",
 
 
 def jobs(archs: Sequence[str] = tuple(ARCHS), shapes: str = "wan-1.3b", dtypes: Sequence[str] = DTYPES,
-         kernels: Optional[Iterable[str]] = None, kept_only: bool = False, dropped_dtype: str = "bf16") -> list[Job]:
-    """Every compile of a run: kept configs in every dtype, dropped configs (unless kept_only)
-    in `dropped_dtype` only (they exist to check the prune, not to be launched)."""
+         kernels: Optional[Iterable[str]] = None, kept_only: bool = False) -> list[Job]:
+    """Every compile of a run: every config of every kernel's list in every dtype and
+    architecture (`kept_only`: only those the prune keeps, i.e. what the autotuner may pick)."""
     out = []
     for spec in KERNELS:
         if kernels is not None and spec.name not in kernels:
             continue
         for variant in spec.variants:
-            for cfg, kept in configs_for(spec, variant, dtypes[0], shapes):
-                if kept_only and not kept:
-                    continue
-                for dtype in (dtypes if kept else [d for d in dtypes if d == dropped_dtype]):
-                    for arch in archs:
+            for dtype in dtypes:
+                estimate = dict(configs_for(spec, variant, dtype, shapes, measured=False))
+                for arch in archs:
+                    for cfg, kept in configs_for(spec, variant, dtype, shapes, arch):
+                        if kept_only and not kept:
+                            continue
                         out.append(Job(spec.name, tuple(sorted(variant.items())), dtype, arch,
                                        cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
-                                       cfg.num_stages, kept, shapes))
+                                       cfg.num_stages, kept, shapes, estimate[cfg]))
     return out
 
 
@@ -216,7 +223,7 @@ def compile_job(job: Job) -> dict:
 
     row = dict(kernel=job.kernel, variant=dict(job.variant), dtype=job.dtype, arch=job.arch, shapes=job.shapes,
                BLOCK_M=job.block_m, BLOCK_N=job.block_n, num_warps=job.num_warps, num_stages=job.num_stages,
-               kept=job.kept)
+               kept=job.kept, estimate_kept=job.estimate_kept)
     fn, _ = _spec(job.kernel).resolve()
     consts = dict(_constexprs(dict(job.variant), job.dtype, job.shapes), BLOCK_M=job.block_m, BLOCK_N=job.block_n)
     if "DEBUG" in fn.arg_names:
@@ -250,13 +257,27 @@ def spill(row: dict) -> int:
     return row.get("spill_stores", 0) + row.get("spill_loads", 0)
 
 
-def run_jobs(job_list: Sequence[Job], processes: int = 2) -> list[dict]:
-    """Compile every job, at most `processes` compilers at a time (the machine's cores are shared)."""
-    if processes <= 1 or len(job_list) <= 1:
-        return [compile_job(j) for j in job_list]
+def run_jobs(job_list: Sequence[Job], processes: int = 2, progress: bool = False) -> list[dict]:
+    """Compile every job, at most `processes` compilers at a time (the machine's cores are shared).
+
+    Always in fresh (spawned) processes with TRITON_INTERPRET unset: a process that has imported
+    the kernels under the interpreter (the test suite sets TRITON_INTERPRET=1) holds
+    `InterpretedFunction`s, which Triton cannot compile for a GPU target; a forked child would
+    inherit them."""
+    if not job_list:
+        return []
     import multiprocessing  # noqa: PLC0415
-    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(compile_job, job_list, chunksize=1))
+    from tqdm import tqdm  # noqa: PLC0415
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, min(processes, len(job_list))),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(compile_job, job_list, chunksize=1)
+            return list(tqdm(results, total=len(job_list), desc="compiling", unit="kernel", disable=not progress))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 # ----------------------------------------------------------------------------- CUDA extension
@@ -338,14 +359,86 @@ def compile_extension(archs: Sequence[str] = tuple(ARCHS), sources: Optional[Seq
 
 
 # ---------------------------------------------------------------------------------- checking
-def check(rows: Sequence[dict], spill_budget: int = SPILL_BUDGET, heavy: int = HEAVY_SPILL) -> list[str]:
-    """Every failure of the gate, as sentences: compile errors; a kept config above its
-    architecture's shared-memory limit or above the spill budget; a dropped config that
-    spills less than `heavy` bytes on every architecture compiled (the prune dropped it for
-    nothing). Extension rows: errors, spills above the budget, and ptxas / cuobjdump
-    disagreeing on registers."""
+def fits(row: dict, spill_budget: int = SPILL_BUDGET) -> bool:
+    """The compiler's verdict on one row: compiled, within the spill budget and shared memory."""
+    return "error" not in row and spill(row) <= spill_budget and row["shared"] <= SMEM_LIMIT[row["arch"]]
+
+
+def _tag(row: dict) -> str:
+    return f"{row['BLOCK_M']}x{row['BLOCK_N']}w{row['num_warps']}s{row['num_stages']}"
+
+
+def _point(row: dict) -> str:
+    """The measured table's key (kernels.triton_common.measured_point builds the same at launch)."""
+    head_dim = SHAPES[row.get("shapes", "wan-1.3b")]["head_dim"]
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    variant = ",".join(f"{k}={int(v)}" for k, v in sorted(row["variant"].items()))
+    return f"{row['arch']}/{row['dtype']}/D{block_d}/{variant}"
+
+
+def measured_table(rows: Sequence[dict], spill_budget: int = SPILL_BUDGET) -> dict:
+    """kernels/measured_spills.json from compiled rows: per kernel and point, the configs
+    compiled, those that fit, and each one's spill bytes."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["kernel"].startswith("ext:") or "error" in r:
+            continue
+        spec = _spec(r["kernel"])
+        entry = out.setdefault(r["kernel"], dict(variant_keys=sorted({k for v in spec.variants for k in v}),
+                                                 points={}))
+        point = entry["points"].setdefault(_point(r), dict(compiled=[], fit=[], spill={}))
+        point["compiled"].append(_tag(r))
+        point["spill"][_tag(r)] = spill(r)
+        if fits(r, spill_budget):
+            point["fit"].append(_tag(r))
+    for entry in out.values():
+        for point in entry["points"].values():
+            point["compiled"].sort()
+            point["fit"].sort()
+    return dict(about="written by kernels/compile_gate.py (wanspeed bench compile --update-table) from ptxas -v; "
+                      "read by kernels/triton_common.prune_by_registers", spill_budget=spill_budget,
+                smem_limit=SMEM_LIMIT, kernels=out)
+
+
+def update_measured_table(rows: Sequence[dict], path: Optional[Path] = None) -> Path:
+    """Rewrite the table: the points compiled in `rows` replaced, every other point kept."""
+    from kernels import triton_common  # noqa: PLC0415
+    path = Path(path) if path else triton_common.MEASURED_SPILLS
+    table = measured_table(rows)
+    try:
+        old = json.loads(path.read_text())["kernels"]
+    except FileNotFoundError:
+        old = {}
+    for kernel, entry in old.items():
+        merged = table["kernels"].setdefault(kernel, entry)
+        for point, verdict in entry["points"].items():
+            merged["points"].setdefault(point, verdict)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    if path == triton_common.MEASURED_SPILLS:
+        triton_common._measured_table.cache_clear()
+    return path
+
+
+def refresh_kept(rows: Sequence[dict]) -> None:
+    """Recompute each row's `kept` with the prune as it stands (after a table update)."""
+    for r in rows:
+        if r["kernel"].startswith("ext:"):
+            continue
+        kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c, k in configs_for(_spec(r["kernel"]), r["variant"], r["dtype"], r.get("shapes", "wan-1.3b"),
+                                        r["arch"]) if k}
+        r["kept"] = (r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"]) in kept
+
+
+def check(rows: Sequence[dict], spill_budget: int = SPILL_BUDGET) -> list[str]:
+    """Every failure of the gate, as sentences: compile errors; a config the prune keeps (may be
+    autotuned) that spills above the budget or needs more shared memory than its architecture
+    has; a config the measured table drops that now fits (the table is stale). Extension
+    rows: errors, spills above the budget, and ptxas / cuobjdump disagreeing on registers."""
+    from kernels.triton_common import _measured_table  # noqa: PLC0415
+    table = _measured_table()
+    stale = "kernels/measured_spills.json is stale or missing: rerun `wanspeed bench compile --update-table`"
     bad = []
-    dropped: dict[tuple, list[dict]] = {}
     for r in rows:
         where = f"{r['kernel']} {r.get('variant', '')} {r.get('dtype', '')} {r['arch']} " + (
             f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}" if "BLOCK_M" in r else r.get("function", ""))
@@ -360,18 +453,15 @@ def check(rows: Sequence[dict], spill_budget: int = SPILL_BUDGET, heavy: int = H
             continue
         if r["kept"]:
             if r["shared"] > SMEM_LIMIT[r["arch"]]:
-                bad.append(f"{where}: kept config needs {r['shared']} B shared memory > {SMEM_LIMIT[r['arch']]} B")
+                bad.append(f"{where}: kept config needs {r['shared']} B shared memory > {SMEM_LIMIT[r['arch']]} B; {stale}")
             if spill(r) > spill_budget:
                 bad.append(f"{where}: kept config spills {spill(r)} B (stores {r['spill_stores']}, loads "
-                           f"{r['spill_loads']}) > budget {spill_budget}")
+                           f"{r['spill_loads']}) > budget {spill_budget}; {stale}")
         else:
-            key = (r["kernel"], json.dumps(r["variant"], sort_keys=True), r["dtype"], r["BLOCK_M"], r["BLOCK_N"],
-                   r["num_warps"], r["num_stages"])
-            dropped.setdefault(key, []).append(r)
-    for key, rs in dropped.items():
-        if all(spill(r) < heavy for r in rs):
-            bad.append(f"{key}: dropped by the prune but spills at most {max(spill(r) for r in rs)} B "
-                       f"on {[r['arch'] for r in rs]} (< {heavy})")
+            point = table.get(r["kernel"], {}).get("points", {}).get(_point(r))
+            if point and _tag(r) in point["compiled"] and fits(r, spill_budget):
+                bad.append(f"{where}: dropped by the measured table but now compiles within budget "
+                           f"({spill(r)} B spill); {stale}")
     return bad
 
 
@@ -411,7 +501,9 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
                         kept_max_spill=max((spill(r) for r in kept), default=0),
                         kept_spilling=cfgs([r for r in kept if spill(r) > 0]),
                         kept_max_shared=max((r["shared"] for r in kept), default=0),
-                        dropped_min_spill=min((spill(r) for r in drop), default=None)))
+                        dropped_min_spill=min((spill(r) for r in drop), default=None),
+                        estimate_kept_spilling=cfgs([r for r in rs if r.get("estimate_kept") and not fits(r)]),
+                        estimate_dropped_fitting=cfgs([r for r in rs if r.get("estimate_kept") is False and fits(r)])))
     return out
 
 
@@ -433,20 +525,25 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def format_summary(summary: Sequence[dict]) -> str:
-    lines = ["| kernel | variant | arch | kept / compiled | regs (kept) | max spill kept (B) | kept that spill | max smem kept (KB) | min spill dropped (B) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | variant | arch | kept / compiled | regs (kept) | max spill kept (B) | kept that spill | "
+             "max smem kept (KB) | min spill dropped (B) | estimate: kept but spill / dropped but fit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         var = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in s["variant"].items())
         lines.append(f"| {s['kernel']} | {var} | {s['arch']} | {s['kept']} / {s['kept'] + s['dropped']} | "
                      f"{s['kept_registers'][0]}-{s['kept_registers'][1]} | {s['kept_max_spill']} | {s['kept_spilling']} | "
-                     f"{s['kept_max_shared'] / 1024:.1f} | {'' if s['dropped_min_spill'] is None else s['dropped_min_spill']} |")
+                     f"{s['kept_max_shared'] / 1024:.1f} | {'' if s['dropped_min_spill'] is None else s['dropped_min_spill']} | "
+                     f"{s.get('estimate_kept_spilling', '')} / {s.get('estimate_dropped_fitting', '')} |")
     return "\n".join(lines)
 
 
 def compile_gate(archs: Sequence[str] = tuple(ARCHS), shapes: str = "wan-1.3b", dtypes: Sequence[str] = DTYPES,
                  kernels: Optional[Iterable[str]] = None, kept_only: bool = False, extension: bool = True,
-                 processes: int = 2, out: Optional[Path] = None) -> dict:
+                 processes: int = 2, out: Optional[Path] = None, progress: bool = False,
+                 update_table: bool = False) -> dict:
     """The full gate: compile, check, and write JSON (default kernels/bench/results/compile-<shapes>.json).
+    `update_table`: also rewrite kernels/measured_spills.json from these rows (merged with the
+    points it already holds that this run did not compile) before checking.
     Returns the report dict (rows, extension rows, summary, failures, seconds)."""
     unknown = sorted(set(archs) - set(ARCHS))
     if unknown:
@@ -456,11 +553,14 @@ def compile_gate(archs: Sequence[str] = tuple(ARCHS), shapes: str = "wan-1.3b", 
     if shapes not in SHAPES:
         raise ValueError(f"unknown shape set {shapes!r}; available: {sorted(SHAPES)}")
     start = time.perf_counter()
-    rows = run_jobs(jobs(archs, shapes, dtypes, kernels, kept_only), processes)
+    rows = run_jobs(jobs(archs, shapes, dtypes, kernels, kept_only), processes, progress)
+    if update_table:
+        update_measured_table(rows)
+        refresh_kept(rows)
     ext = compile_extension(archs) if extension else []
     report = dict(device="cpu (compile only, no GPU)", versions=_versions(), shapes=dict(name=shapes, **SHAPES[shapes]),
                   archs=list(archs), dtypes=list(dtypes), processes=processes,
-                  spill_budget=SPILL_BUDGET, heavy_spill=HEAVY_SPILL, smem_limit=SMEM_LIMIT,
+                  spill_budget=SPILL_BUDGET, smem_limit=SMEM_LIMIT,
                   seconds=round(time.perf_counter() - start, 1), summary=summarize(rows),
                   failures=check(list(rows) + ext), rows=rows, extension=ext)
     path = Path(out) if out else RESULTS / f"compile-{shapes}.json"

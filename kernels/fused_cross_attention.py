@@ -270,9 +270,12 @@ def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, DK, DV,
 
 
 # live fp32 tiles per program: fwd acc, out | s; dq dq, O_s | p, dp; dkdv dk, dv | p, dp
-_fwd_tuned = autotuned(_fwd_kernel, FWD_CONFIGS, _KEY, rows="BLOCK_M", accumulators=2, scores=1)
-_bwd_dq_tuned = autotuned(_bwd_dq_kernel, DQ_CONFIGS, _KEY, rows="BLOCK_M", accumulators=2, scores=2)
-_bwd_dkdv_tuned = autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, _KEY, rows="BLOCK_N", accumulators=2, scores=2)
+_fwd_tuned = autotuned(_fwd_kernel, FWD_CONFIGS, _KEY, rows="BLOCK_M", accumulators=2, scores=1,
+                       name="fca_fwd")
+_bwd_dq_tuned = autotuned(_bwd_dq_kernel, DQ_CONFIGS, _KEY, rows="BLOCK_M", accumulators=2, scores=2,
+                          name="fca_bwd_dq")
+_bwd_dkdv_tuned = autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, _KEY, rows="BLOCK_N", accumulators=2, scores=2,
+                            name="fca_bwd_dkdv")
 
 
 # ----------------------------------------------------------------------------------- launcher

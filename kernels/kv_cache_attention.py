@@ -103,7 +103,7 @@ def _kv_fwd_kernel(Q, KC, VC, O, SINK, WSTART, WLEN, Lq, C, qk_scale,
 
 
 _kv_fwd_tuned = autotuned(_kv_fwd_kernel, KV_CONFIGS, ["Lq", "C", "HEADS", "HEAD_DIM"],
-                          rows="BLOCK_M", accumulators=1, scores=1)  # acc | s
+                          rows="BLOCK_M", accumulators=1, scores=1, name="kv_fwd")  # acc | s
 
 
 # ------------------------------------------------------------------------------- public entry

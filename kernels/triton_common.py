@@ -9,6 +9,8 @@ module imports nothing of ours. tests/kernels/test_import_graph.py holds those a
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -24,6 +26,12 @@ DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 # bytes of spill, above it 180 to 12000 bytes (of 255 registers, the rest hold pointers, masks
 # and row statistics).
 REGS_PER_THREAD = 160
+# The compiler's verdict where the compile gate measured it (kernels/compile_gate.py writes this
+# file from ptxas' figures: per kernel, architecture, dtype, BLOCK_D and variant, the configs
+# compiled and those within its spill budget). At those points it replaces the estimate above,
+# which cannot tell apart e.g. block-causal fwd 128x64 w8 (no spill) from 64x64 w4 (112 B), both
+# estimated 96; elsewhere (other head dims, other GPUs) the estimate decides.
+MEASURED_SPILLS = Path(__file__).with_name("measured_spills.json")
 
 
 # ------------------------------------------------------------------------- host-side helpers
@@ -54,24 +62,70 @@ def autotune_configs(tiles: Sequence[tuple[int, int]], warps=(4, 8), stages=(2, 
             for bm, bn in tiles for w in warps for s in stages]
 
 
-def prune_by_registers(configs, named_args, *, rows: str, accumulators: int, scores: int, **kwargs):
-    """Drop configs whose per-thread fp32 live state would spill registers: `accumulators`
-    [rows, BLOCK_D] tiles plus `scores` [BLOCK_M, BLOCK_N] tiles over 32 * num_warps threads,
-    above REGS_PER_THREAD. (Operand tiles sit in shared memory for wgmma and do not count.)
-    Keeps the cheapest config when none fits."""
-    block_d = {**named_args, **kwargs}["BLOCK_D"]
+def config_tag(c) -> str:
+    """`128x64w8s2`: one autotune config, as the measured table names it."""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_table() -> dict:
+    try:
+        return json.loads(MEASURED_SPILLS.read_text())["kernels"]
+    except FileNotFoundError:
+        return {}
+
+
+def measured_point(kernel: str, arch: str, consts: dict) -> Optional[str]:
+    """The table's key for one launch: `sm_90/bf16/D128/IFF=1,TF=1` (variant constexprs as the
+    table lists them for `kernel`), or None when the table does not know the kernel."""
+    entry = _measured_table().get(kernel)
+    if entry is None or "DOT" not in consts:
+        return None
+    variant = ",".join(f"{k}={int(consts[k])}" for k in entry["variant_keys"] if k in consts)
+    return f"{arch}/{consts['DOT']}/D{consts['BLOCK_D']}/{variant}"
+
+
+def device_arch() -> Optional[str]:
+    """`sm_90` for the current CUDA device, None without one."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def prune_by_registers(configs, named_args, *, rows: str, accumulators: int, scores: int,
+                       kernel: Optional[str] = None, arch: Optional[str] = None, measured: bool = True, **kwargs):
+    """Drop configs that would spill registers. Where the compile gate measured this kernel at
+    this architecture, dtype, BLOCK_D and variant (MEASURED_SPILLS), keep what compiled within
+    its spill budget; otherwise estimate: `accumulators` [rows, BLOCK_D] tiles plus `scores`
+    [BLOCK_M, BLOCK_N] tiles of fp32 live state over 32 * num_warps threads, at most
+    REGS_PER_THREAD. (Operand tiles sit in shared memory for wgmma and do not count.) Keeps
+    the cheapest config when none fits. `arch` defaults to the current device's."""
+    consts = {**named_args, **kwargs}
+    block_d = consts["BLOCK_D"]
 
     def regs(c):
         live = accumulators * c.kwargs[rows] * block_d + scores * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
         return live / (32 * c.num_warps)
 
-    fit = [c for c in configs if regs(c) <= REGS_PER_THREAD]
+    arch = arch or device_arch()
+    point = measured_point(kernel, arch, consts) if measured and kernel and arch else None
+    verdict = _measured_table()[kernel]["points"].get(point) if point else None
+
+    def fits(c):
+        if verdict is not None and config_tag(c) in verdict["compiled"]:
+            return config_tag(c) in verdict["fit"]
+        return regs(c) <= REGS_PER_THREAD
+
+    fit = [c for c in configs if fits(c)]
     return fit or [min(configs, key=regs)]
 
 
-def autotuned(kernel, configs, key: list[str], *, rows: str, accumulators: int, scores: int):
-    """`kernel` autotuned over `configs`, pruned by `prune_by_registers` with these live tiles."""
-    prune = functools.partial(prune_by_registers, rows=rows, accumulators=accumulators, scores=scores)
+def autotuned(kernel, configs, key: list[str], *, rows: str, accumulators: int, scores: int,
+              name: Optional[str] = None):
+    """`kernel` autotuned over `configs`, pruned by `prune_by_registers` with these live tiles
+    (and the measured table's entry `name`, see MEASURED_SPILLS)."""
+    prune = functools.partial(prune_by_registers, rows=rows, accumulators=accumulators, scores=scores, kernel=name)
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 

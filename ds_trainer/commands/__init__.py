@@ -15,12 +15,12 @@ from typing import Optional
 # name -> (module under ds_trainer.commands, one-line help); later jobs add rows here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the main job on its tiny default: synthetic data, 2-rank ZeRO-3 training on CPU, plot, mp4 (~1 min)"),
-    "train": ("train", "train the subject-reference adapters (launch with deepspeed, or plain for debugging)"),
+    "train": ("train", "train the job a config names (adapters or DMD; launch with deepspeed, or plain for debugging)"),
     "cache": ("cache", "precompute T5 / CLIP / VAE outputs so training loads no encoder"),
-    "sample": ("sample", "write a short mp4 from a trained run (few-step flow-matching sampler)"),
+    "sample": ("sample", "an mp4 from a checkpoint: subject-reference (UniPC / Euler, CFG) or causal I2V through the KV cache"),
     "plot": ("plot", "loss-curve PNG of a run directory"),
     "info": ("info", "versions, attention backends and model presets on this machine"),
-    "bench": ("bench", "benchmarks: kernels (side by side with the stock paths) or data (loader clips/s)"),
+    "bench": ("bench", "benchmarks: kernels (side by side with the stock paths), data (loader clips/s), compile (sm_90/sm_100 gate)"),
     "make-demo-data": ("make_demo_data", "write a small synthetic dataset in the OpenS2V on-disk layout"),
     "build-kernels": ("build_kernels", "build the C++/CUDA extension ahead of time (ninja)"),
     "launch": ("launch", "run `train` on every node of a hostfile through deepspeed (ssh, or --no-ssh per node)"),

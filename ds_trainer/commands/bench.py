@@ -45,6 +45,8 @@ def _compile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kept-only", action="store_true", help="only the configs the register prune keeps")
     parser.add_argument("--no-extension", action="store_true", help="skip nvcc on kernels/csrc/*.cu")
     parser.add_argument("--processes", type=int, default=2, help="parallel compilers (default 2)")
+    parser.add_argument("--update-table", action="store_true",
+                        help="rewrite kernels/measured_spills.json (the autotune prune's compiler verdicts) from this run")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default kernels/bench/results/compile-<shapes>.json)")
 
 
@@ -89,7 +91,8 @@ def _run_compile(args: argparse.Namespace) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:
         report = compile_gate(split(args.arch), args.shapes, split(args.dtypes), kept_only=args.kept_only,
-                              extension=not args.no_extension, processes=args.processes, out=args.out)
+                              extension=not args.no_extension, processes=args.processes, out=args.out,
+                              progress=True, update_table=args.update_table)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     print(format_table(report["rows"] + report["extension"]))
