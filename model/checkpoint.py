@@ -1,8 +1,10 @@
 """Load Wan DiT weights from every format they ship in, into a model built on the meta device.
 
 Accepted sources (one entry point, `load_wan_model`):
-- a diffusers-style directory: `config.json` + `diffusion_pytorch_model.safetensors`, or shards
-  `diffusion_pytorch_model-0000k-of-0000n.safetensors` listed in `...safetensors.index.json`;
+- a Hugging Face directory: `config.json` + `diffusion_pytorch_model.safetensors`, or shards
+  `diffusion_pytorch_model-0000k-of-0000n.safetensors` listed in `...safetensors.index.json`, in
+  the official releases' key names or in diffusers' (`Wan2.1-*-Diffusers/transformer`, a
+  `WanTransformer3DModel`; renamed by model/diffusers_layout.py);
 - a single `.safetensors` file;
 - a `.pt` / `.pth` file (always `weights_only=True`, memory-mapped when possible), either a plain
   state dict or a Self-Forcing / LongLive training dict `{"generator" | "generator_ema" | "model":
@@ -28,6 +30,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import diffusers_layout
 from model.config import ConfigError, ReferencePathsConfig, WanConfig
 from model.wan import (ADAPTER_BLOCK_MODULES, ADAPTER_MODEL_PREFIXES, T2V_CLIP_PATH_MODULES, WanModel,
                        init_module_seeded)
@@ -74,16 +77,29 @@ def read_checkpoint(path: str | Path, use_ema: bool = False
     and a report saying which format and entry they came from."""
     path = Path(path)
     if path.is_dir():
-        return _read_diffusers_dir(path)
+        return _from_diffusers_names(*_read_diffusers_dir(path), where=path / CONFIG_NAME)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.suffix == ".safetensors":
-        return _read_safetensors([path]), None, LoadReport(str(path), "safetensors")
+        return _from_diffusers_names(_read_safetensors([path]), None, LoadReport(str(path), "safetensors"), where=path)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         raw = _torch_load(path)
         sd, entry = _unwrap_training_dict(raw, path, use_ema)
         return sd, None, LoadReport(str(path), "torch", entry=entry)
     raise CheckpointError(f"{path}: unknown checkpoint format (expected a directory, .safetensors, .pt or .pth)")
+
+
+def _from_diffusers_names(sd, config, report: LoadReport, where: Path):
+    """Rename a diffusers-layout (WanTransformer3DModel) state dict and config to the official ones."""
+    if not diffusers_layout.is_diffusers_layout(config, sd.keys()):
+        return sd, config, report
+    try:
+        sd = diffusers_layout.to_official(sd, report.source)
+        config = diffusers_layout.official_config(config, str(where)) if config else None
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    report.format += f", {diffusers_layout.DIFFUSERS_CLASS} names"
+    return sd, config, report
 
 
 def _read_diffusers_dir(path: Path):
@@ -280,19 +296,31 @@ def _materialise(model: WanModel, missing: list[str], dtype, device) -> None:
 
 # ----------------------------------------------------------------------------------- writing
 def save_diffusers_dir(model: nn.Module | Mapping[str, torch.Tensor], config: WanConfig, out_dir: str | Path,
-                       max_shard_bytes: Optional[int] = None) -> Path:
+                       max_shard_bytes: Optional[int] = None, layout: str = "official") -> Path:
     """Write `config.json` + safetensors (sharded with an index when over `max_shard_bytes`),
-    in the layout of the official Hugging Face releases."""
+    in the layout of the official Hugging Face releases, or (`layout="diffusers"`) as diffusers'
+    `WanTransformer3DModel` (`WanTransformer3DModel.from_pretrained(out_dir)` loads it)."""
+    if layout not in ("official", "diffusers"):
+        raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0"}
     values, defaults = config.to_dict(), WanConfig().to_dict()
-    cfg.update({k: values[k] for k in OFFICIAL_CONFIG_KEYS})
-    # Fields the official config.json omits are written only when they differ from the default,
-    # so a real-size export looks exactly like the released one.
-    cfg.update({k: v for k, v in values.items() if k not in OFFICIAL_CONFIG_KEYS and v != defaults[k]})
+    if layout == "diffusers":
+        adapters = sorted(k for k in sd if is_adapter_key(k, config))
+        if adapters or config.text_len != defaults["text_len"]:
+            raise ValueError(f"diffusers' {diffusers_layout.DIFFUSERS_CLASS} has no reference-adapter layers "
+                             f"({adapters[:3]}...) nor a text_len other than {defaults['text_len']}: "
+                             "export the official layout, or merge/drop the adapters first")
+        sd = diffusers_layout.to_diffusers(sd)
+        cfg = diffusers_layout.diffusers_config(values)
+    else:
+        cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0"}
+        cfg.update({k: values[k] for k in OFFICIAL_CONFIG_KEYS})
+        # Fields the official config.json omits are written only when they differ from the default,
+        # so a real-size export looks exactly like the released one.
+        cfg.update({k: v for k, v in values.items() if k not in OFFICIAL_CONFIG_KEYS and v != defaults[k]})
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     if max_shard_bytes is None:
         save_file(sd, str(out / WEIGHTS_NAME))
