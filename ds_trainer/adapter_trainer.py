@@ -29,6 +29,7 @@ from ds_trainer.generator import build_wan
 from ds_trainer.trainable import apply_activation_checkpointing, apply_freeze, apply_lora, reference_trainable_patterns
 from ds_trainer.trainer import Trainer
 from model.flow_matching import FlowMatchingScheduler
+from model.sequence_parallel import apply_sequence_parallel
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class AdapterTrainer(Trainer):
     name = "opens2v-adapters"
     checkpoint_prefix = "checkpoint_opens2v_"
     weights_file = "model.pt"
+    supports_sequence_parallel = True
     cfg: TrainConfig
 
     def build_models(self) -> None:
@@ -48,6 +50,8 @@ class AdapterTrainer(Trainer):
         if cfg.adapter:
             model = apply_lora(model, cfg.adapter)
         apply_activation_checkpointing(model, cfg.model)
+        if self.sp is not None:
+            apply_sequence_parallel(model, self.sp)
         self.trainable_names = apply_freeze(model, reference_trainable_patterns(model.config))
         total, train = count_parameters(model)
         log.info("generator: %s%.2fM parameters, %.3fM trainable (%d tensors), ZeRO stage %d, world %d",
@@ -83,7 +87,7 @@ class AdapterTrainer(Trainer):
         return "samples " + ", ".join(map(str, batch.keys))
 
     def compute_loss(self, batch, micro: int) -> torch.Tensor:
-        gen = step_generator(self.cfg.seed, self.step, micro, self.rank)
+        gen = step_generator(self.cfg.seed, self.step, micro, self.dp_rank)  # one draw per SP group
         return flow_matching_loss(self.engine, self.batch_inputs(batch), self.scheduler, gen, causal=self.causal,
                                   teacher_forcing=self.teacher_forcing)
 

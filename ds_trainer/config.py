@@ -22,6 +22,7 @@ from model.typed_config import from_mapping, load_yaml
 
 SEED_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out"]
 ZERO_CHOICES = ("2", "3", "3-offload")
+MAX_SEQUENCE_PARALLEL = 64  # a rank needs at least one attention head; no Wan has more than 40
 DEFAULT_JOB = "opens2v-adapters"
 JOBS: dict[str, tuple[str, str]] = {
     DEFAULT_JOB: ("ds_trainer.config:TrainConfig", "ds_trainer.adapter_trainer:AdapterTrainer"),
@@ -213,6 +214,10 @@ class RunConfig:
     """A DeepSpeed JSON file to use instead of configs/ds/ ("auto" values are filled from this config)."""
     disable_wandb: bool = False
     """No wandb logging at all (metrics.jsonl is still written)."""
+    sequence_parallel_size: int = 1
+    """Ranks that split one sample's video tokens (DeepSpeed-Ulysses, model/sequence_parallel.py);
+    must divide the world size. Ranks form world/K data-parallel groups of K consecutive ranks;
+    every rank of a group trains on the same samples. 1 = no sequence parallelism."""
     wandb: WandbSection = field(default_factory=WandbSection)
     """wandb settings."""
 
@@ -228,6 +233,9 @@ class RunConfig:
         for name in ("keep_last_checkpoints", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
+        if not 1 <= self.sequence_parallel_size <= MAX_SEQUENCE_PARALLEL:
+            raise ConfigError(f"must be between 1 and {MAX_SEQUENCE_PARALLEL}, got {self.sequence_parallel_size}",
+                              key="sequence_parallel_size")
         if not self.max_grad_norm > 0:  # also NaN
             raise ConfigError(f"must be > 0, got {self.max_grad_norm}", key="max_grad_norm")
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
@@ -308,7 +316,11 @@ class TrainConfig(RunConfig):
         if self.is_cross_frame and not (self.opens2v.cross_frames_cluster_path and self.opens2v.cross_frames_base_path):
             raise ConfigError("is_cross_frame needs opens2v.cross_frames_cluster_path and cross_frames_base_path",
                               key="is_cross_frame")
-        self.wan_config()  # the model section and the reference paths must agree (e.g. no CLIP path on i2v)
+        heads = self.wan_config().num_heads  # also: the model section and the reference paths must agree
+        if self.sequence_parallel_size > heads:
+            raise ConfigError(f"{self.sequence_parallel_size} is more than the model's {heads} attention heads "
+                              f"(each sequence-parallel rank attends over at least one head)",
+                              key="sequence_parallel_size")
         if self.model.causal is not None:
             try:
                 self.model.causal.check_frames(self.num_training_frames)

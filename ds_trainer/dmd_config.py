@@ -128,6 +128,9 @@ class DMDConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.sequence_parallel_size != 1:
+            raise ConfigError("sequence parallelism is not built for the DMD job yet (its KV-cache rollout "
+                              "runs block by block on whole sequences); use 1", key="sequence_parallel_size")
         for name in ("generator", "real_score", "fake_score"):
             section = getattr(self, name)
             if section.architecture().model_type != "i2v":

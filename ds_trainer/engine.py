@@ -15,7 +15,9 @@ import deepspeed
 import torch
 import torch.nn as nn
 
+from ds_trainer.ds_config import DEEPSPEED_REDUCE_BUCKET_SIZE, zero_stage
 from ds_trainer.safe_checkpoint_engine import use_weights_only_loading
+from model.sequence_parallel import sequence_parallel_mpu
 
 
 def param_shape(p: torch.Tensor) -> torch.Size:
@@ -32,17 +34,33 @@ def build_engine(module: nn.Module, ds_config: dict, lr: Optional[float] = None,
     (and a linear warm-up), whose checkpoints load with weights_only; without, a frozen engine
     (no optimizer, never checkpointed)."""
     trainable = [p for p in module.parameters() if p.requires_grad]
+    # sequence parallelism: DeepSpeed's SP groups as the mpu (ZeRO over every rank, gradients
+    # summed over the SP group and averaged over data parallel; model/sequence_parallel.py)
+    mpu = sequence_parallel_mpu() if ds_config.get("sequence_parallel_size", 1) > 1 else None
+    if mpu is not None and zero_stage(ds_config) == 3:
+        _check_zero3_sp_buckets(module, ds_config)
     if lr is None:
-        engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+        engine, *_ = deepspeed.initialize(model=module, config=ds_config, mpu=mpu)
         return engine
     if not trainable:
         raise ValueError("build_engine: an optimizer was asked for but no parameter is trainable")
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=trainable, config=ds_config)
+                                           model_parameters=trainable, config=ds_config, mpu=mpu)
     use_weights_only_loading(engine)  # resuming must not run pickled code
     return engine
+
+
+def _check_zero3_sp_buckets(module: nn.Module, ds_config: dict) -> None:
+    """A trainable tensor larger than reduce_bucket_size sends ZeRO-3 down its reduce-scatter path,
+    which averages sequence-parallel gradients instead of summing them (ds_config.py)."""
+    limit = float(ds_config["zero_optimization"].get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET_SIZE))
+    for name, p in module.named_parameters():
+        if p.requires_grad and math.prod(param_shape(p)) > limit:
+            raise ValueError(f"trainable {name} has {math.prod(param_shape(p))} elements, more than "
+                             f"zero_optimization.reduce_bucket_size={limit:g}: raise reduce_bucket_size to at least "
+                             f"that for sequence parallelism under ZeRO-3")
 
 
 def gathered(params: list[torch.Tensor], stage: int):

@@ -33,6 +33,7 @@ from ds_trainer.distributed import all_reduce_scalar, any_rank, broadcast_object
 from ds_trainer.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from ds_trainer.metrics import MetricsLogger, peak_memory_mb, setup_logging
 from launch.shared_fs import require_shared_directories
+from model.sequence_parallel import init_sequence_parallel
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,25 @@ class Trainer:
     """The torch file of trained weights the job exports in each checkpoint (checked on resume)."""
     headline_metric: ClassVar[str] = "loss"
     """The metric of `train_step` the progress bar shows."""
+    supports_sequence_parallel: ClassVar[bool] = False
+    """The job shards its models' sequences (model.sequence_parallel.apply_sequence_parallel) when
+    `sequence_parallel_size` > 1; a job that does not refuses such a config."""
 
     def __init__(self, cfg: RunConfig, logdir: str | Path, auto_resume: bool = True):
         self.cfg, self.logdir = cfg, Path(logdir)
+        if cfg.sequence_parallel_size > 1 and not self.supports_sequence_parallel:
+            raise ValueError(f"sequence_parallel_size {cfg.sequence_parallel_size}: the {self.name!r} job "
+                             f"does not run sequence-parallel; use 1")
         self.rank, self.world = init_distributed()
         setup_logging(self.rank)
+        # sequence parallelism: SP groups of K consecutive ranks share each sample, so data order,
+        # noise draws and batch sizes follow the data-parallel coordinates (rank // K, world / K)
+        self.sp = init_sequence_parallel(cfg.sequence_parallel_size)
+        k = cfg.sequence_parallel_size
+        self.dp_rank, self.dp_world = self.rank // k, self.world // k
+        if self.sp is not None:
+            log.info("sequence parallel: %d data-parallel groups of %d ranks (this rank: SP rank %d, data rank %d)",
+                     self.dp_world, k, self.sp.rank, self.dp_rank)
         self.device = default_device()
         if self.rank == 0:
             self.logdir.mkdir(parents=True, exist_ok=True)
@@ -63,13 +78,13 @@ class Trainer:
         require_shared_directories({"logdir": self.logdir, "cache_dir": getattr(cfg, "cache_dir", None)})
         self.ds_config = resolve_ds_config(read_ds_config(cfg.zero, cfg.deepspeed_config), cfg.batch_size,
                                            cfg.gradient_accumulation_steps, cfg.max_grad_norm,
-                                           self.device.type == "cuda", self.world)
+                                           self.device.type == "cuda", self.dp_world, cfg.sequence_parallel_size)
         self.stage = zero_stage(self.ds_config)
         torch.manual_seed(cfg.seed)  # identical new layers (adapters, LoRA) on every rank
         self.build_models()
         self.engines: dict[str, Any] = self.build_engines()
         self.dataset = self.build_data()
-        self.sampler = ResumableDistributedSampler(len(self.dataset), self.rank, self.world, seed=cfg.seed,
+        self.sampler = ResumableDistributedSampler(len(self.dataset), self.dp_rank, self.dp_world, seed=cfg.seed,
                                                    batch_size=cfg.batch_size)
         self.step, self.totals = 0, {"skipped_samples": 0, "nonfinite_losses": 0}
         if auto_resume:
@@ -262,7 +277,7 @@ class Trainer:
         data_wait_s: this rank's time blocked on the DataLoader during the step (the loader is
         the bottleneck when it is a large share of step_time_s: raise num_workers or use the cache)."""
         means = {k: all_reduce_scalar(sum(r[k] for r in rows) / len(rows)) / self.world for k in rows[0]}
-        samples = self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.world
+        samples = self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.dp_world
         for role in self.roles_stepped():
             engine = self.engines[role]
             suffix = "" if len(self.engines) == 1 else f"_{role}"

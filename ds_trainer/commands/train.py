@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON instead of configs/ds/*")
     parser.add_argument("--disable-wandb", action="store_true", default=None, help="no wandb logging")
     parser.add_argument("--max-iters", type=int, default=None)
+    parser.add_argument("--sp", type=int, default=None, metavar="K",
+                        help="sequence parallelism: K ranks split each sample's tokens (sequence_parallel_size)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key (dotted, YAML value), e.g. --set lr=5e-5")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by `deepspeed`
@@ -38,7 +40,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         out[key] = yaml.safe_load(value)
     for flag, key in (("zero", "zero"), ("deepspeed_config", "deepspeed_config"), ("disable_wandb", "disable_wandb"),
-                      ("max_iters", "max_iters")):
+                      ("max_iters", "max_iters"), ("sp", "sequence_parallel_size")):
         if getattr(args, flag) is not None:  # only flags actually given override the file
             out[key] = getattr(args, flag)
     return out
