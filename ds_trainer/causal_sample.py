@@ -9,16 +9,20 @@ at `context_noise` writes it to the KV cache (ds_trainer/self_forcing.py's rollo
 step as every block's exit). The KV cache is a sink + ring window when the config's causal section
 sets local_attn_size / sink_size, so videos longer than the training window keep a bounded cache.
 Weights: `generator_ema` when the checkpoint has it, else `generator` (Self-Forcing's `model.`
-keys), checked against the config like the subject mode's.
+keys), checked against the config like the subject mode's; or `generator_lora` (a LoRA DMD run, or
+LongLive's `lora.pt`) on the config's generator_ckpt (LongLive's `longlive_base.pt`), merged.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 16
 """Wan2.1's output frame rate (the DMD config has no sample section)."""
@@ -45,11 +49,37 @@ def load_causal_generator(cfg, ckpt: Path, config_path: str, dtype: torch.dtype 
                                          f"{config_path} has no generator_ckpt to take them from")
         base = strip_wrapper_prefix(read_checkpoint(cfg.generator_ckpt)[0])[0]
         weights = {**{k: v for k, v in base.items() if k in expected}, **weights}
-    sw.load_into(model, dataclasses.replace(trained, weights=weights), assign=True)
+    sw.load_into(model, dataclasses.replace(trained, weights=weights, lora=None), assign=True)
     still = [n for n, p in model.named_parameters() if p.is_meta]
     if still:
         raise sw.IncompatibleWeights(f"{trained.source} and the base lack {still[:3]}")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype)
+    if trained.lora:
+        model = _merged_lora(model, trained, cfg)
+    return model.eval()
+
+
+def _merged_lora(model, trained, cfg):
+    """Inject LoRA on the modules the weights name (LongLive: every Linear of the causal blocks,
+    r = alpha = 256), load them and fold them into the base Linears. alpha comes from the
+    config's adapter section when it has one, else alpha = r (LongLive's setting)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: PLC0415
+
+    from ds_trainer import sample_weights as sw  # noqa: PLC0415
+    targets, rank = sw.lora_targets(trained.lora, trained.source)
+    missing = [t for t in targets if t not in dict(model.named_modules())]
+    if missing:
+        raise sw.IncompatibleWeights(f"{trained.source}: LoRA on modules the model lacks: {missing[:3]}")
+    adapter = getattr(cfg, "adapter", None)
+    if adapter is not None and adapter.r != rank:
+        raise sw.IncompatibleWeights(f"{trained.source}: LoRA rank {rank}, but the config's adapter.r is {adapter.r}")
+    alpha = adapter.lora_alpha if adapter is not None else rank
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model)
+    result = set_peft_model_state_dict(model, trained.lora)
+    if getattr(result, "unexpected_keys", None):
+        raise sw.IncompatibleWeights(f"{trained.source}: LoRA keys the model lacks: {result.unexpected_keys[:5]}")
+    log.info("%s: LoRA r=%d alpha=%d on %d modules, merged into the base", trained.source, rank, alpha, len(targets))
+    return sw.merge_lora_and_unwrap(model)
 
 
 def i2v_inputs(cfg, encoders, image_path: Optional[Path], prompt: str, latent_frames: int):

@@ -2,8 +2,11 @@
 
 `--ckpt` may be a checkpoint directory (`checkpoint_opens2v_*/`, `checkpoint_model_*/`: its
 `model.pt`), a `model.pt` ({"generator" | "generator_ema": weights}, Self-Forcing's `model.`
-prefix allowed), an `adapter.safetensors`, or a peft LoRA directory (`lora/`: adapter_config.json +
-adapter_model.safetensors; the other adapters then come from the `adapter.safetensors` beside it).
+prefix allowed), a LoRA checkpoint {"generator_lora": peft weights} (a LoRA DMD run's `model.pt`,
+or LongLive's `lora.pt`, whose keys carry peft's `base_model.model.` prefix; the base then comes
+from the config's generator_ckpt, e.g. `longlive_base.pt`), an `adapter.safetensors`, or a peft
+LoRA directory (`lora/`: adapter_config.json + adapter_model.safetensors; the other adapters then
+come from the `adapter.safetensors` beside it).
 When the checkpoint directory has a `meta.json`, the weights' side of its compatibility key
 (job, architecture, LoRA) must equal the sampling config's, or the load is refused naming each
 field that differs; without one, a key or shape the model lacks is refused by name. Everything
@@ -94,6 +97,8 @@ def read_trained(path: Path, prefer_ema: bool = True) -> TrainedWeights:
         weights = load_file(str(path))
     elif path.suffix in (".pt", ".pth"):
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(raw, dict) and isinstance(raw.get("generator_lora"), dict):
+            return TrainedWeights({}, lora_weights(raw["generator_lora"], path), _compat(path.parent), str(path))
         weights = _unwrap(raw, path, prefer_ema)
     else:
         raise ValueError(f"--ckpt {path}: expected a checkpoint directory, model.pt, adapter.safetensors or a "
@@ -109,12 +114,33 @@ def _unwrap(raw: Any, path: Path, prefer_ema: bool) -> dict[str, torch.Tensor]:
     for key in order:
         if isinstance(raw.get(key), dict):
             return raw[key]
-    if "generator_lora" in raw:
-        raise ValueError(f"{path}: holds generator_lora (a LoRA DMD run): sample it with its base in the "
-                         f"config's generator_ckpt and the adapter section set")
     if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         return raw
     raise ValueError(f"{path}: no 'generator' / 'generator_ema' weights (keys: {sorted(raw)[:6]})")
+
+
+def lora_weights(raw: dict, path: Path) -> dict[str, torch.Tensor]:
+    """peft LoRA tensors keyed by the model's module names (`blocks.0.self_attn.q.lora_A.weight`):
+    wrapper prefixes (peft's `base_model.model.`, Self-Forcing's `model.`) and the adapter name
+    (`.default`) dropped, so our DMD runs' `generator_lora` and LongLive's `lora.pt` read alike."""
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor) or ".lora_" not in key:
+            raise ValueError(f"{path}: generator_lora entry {key!r} is not a LoRA tensor")
+        name = key
+        for prefix in ("base_model.model.", "model."):
+            name = name.removeprefix(prefix)
+        out[name.replace(".default.", ".")] = value
+    return out
+
+
+def lora_targets(lora: dict[str, torch.Tensor], source: str) -> tuple[list[str], int]:
+    """(module names, rank) a LoRA state dict was trained on; ranks must agree."""
+    ranks = {k.rsplit(".lora_A.", 1)[0]: v.shape[0] for k, v in lora.items() if ".lora_A." in k}
+    if not ranks or len(set(ranks.values())) != 1:
+        raise IncompatibleWeights(f"{source}: LoRA weights with ranks {sorted(set(ranks.values()))} "
+                                  "(expected one rank over every target)")
+    return sorted(ranks), next(iter(ranks.values()))
 
 
 def _compat(directory: Path) -> Optional[dict[str, Any]]:
@@ -163,6 +189,19 @@ def load_into(model: torch.nn.Module, trained: TrainedWeights, assign: bool = Fa
         result = set_peft_model_state_dict(model, trained.lora)
         if getattr(result, "unexpected_keys", None):
             raise IncompatibleWeights(f"{trained.source}: LoRA keys the model lacks: {result.unexpected_keys[:5]}")
+    return model
+
+
+def merge_lora_and_unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every LoRA update into its base Linear and put the plain Linear back in its place (a
+    model with no peft layers left, as a base checkpoint builds it)."""
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+    merge_lora(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    model.__dict__.pop("peft_config", None)
     return model
 
 

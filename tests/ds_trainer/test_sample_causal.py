@@ -1,5 +1,6 @@
 """`wanspeed sample`'s causal I2V mode on the tiny DMD config: the streamed mp4 equals generating every
 block then decoding once, the EMA generator is the one sampled, and bad input is a clear error."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,3 +102,50 @@ def test_causal_sample_command_names_what_is_wrong(dmd_ckpt, tmp_path):
                                                       "generator: {preset: tiny-i2v, overrides: {num_layers: 1},"))
     with pytest.raises(SystemExit, match=r"another model config .*generator\.num_layers: checkpoint 2 vs this run 1"):
         wanspeed(["sample", "--config", str(other), *base[3:], "--image", str(image)])
+
+
+def test_longlive_lora_pt_loads_on_its_base_and_is_merged(dmd_ckpt, tmp_path):
+    """LongLive's inference inputs: `longlive_base.pt` ({"generator": {"model.<key>"}}) as the
+    config's generator_ckpt and `lora.pt` ({"generator_lora": peft's state dict of a peft model
+    over the generator, LoRA on every Linear of the causal blocks, r = alpha}); the loaded model
+    equals the peft model's forward (merged), its Linears are plain again."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from ds_trainer.causal_sample import load_causal_generator
+    from ds_trainer.config import load_train_config
+    from model.causal import CausalWanModel
+    from model.checkpoint import read_checkpoint, strip_wrapper_prefix
+
+    config, _, _, _ = dmd_ckpt
+    cfg = load_train_config(config)
+    base = strip_wrapper_prefix(read_checkpoint(cfg.generator_ckpt)[0])[0]
+    torch.save({"generator": {f"model.{k}": v for k, v in base.items()}}, tmp_path / "longlive_base.pt")
+    cfg = dataclasses.replace(cfg, generator_ckpt=str(tmp_path / "longlive_base.pt"))
+    reference = CausalWanModel(cfg.generator.architecture(), cfg.causal.causal_config())
+    reference.load_state_dict(base)
+    targets = sorted({n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")})
+    peft_model = get_peft_model(reference, LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    ckpt = tmp_path / "lora.pt"
+    torch.save({"generator_lora": get_peft_model_state_dict(peft_model), "critic_lora": {}, "step": 3}, ckpt)
+    assert all(k.startswith("base_model.model.blocks.") for k in torch.load(ckpt)["generator_lora"])
+
+    loaded = load_causal_generator(cfg, ckpt, str(config))
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    name = targets[0]
+    lora_a = peft_model.get_submodule(name).lora_A["default"].weight
+    lora_b = peft_model.get_submodule(name).lora_B["default"].weight
+    torch.testing.assert_close(loaded.get_submodule(name).weight, base[f"{name}.weight"] + lora_b @ lora_a)
+    untouched = "head.head.weight"
+    assert torch.equal(loaded.state_dict()[untouched], base[untouched])
+
+    # with an adapter section, its alpha scales the update and its rank must match
+    from ds_trainer.config import AdapterSection
+    halved = load_causal_generator(dataclasses.replace(cfg, adapter=AdapterSection(r=4, lora_alpha=2)), ckpt, str(config))
+    torch.testing.assert_close(halved.get_submodule(name).weight, base[f"{name}.weight"] + 0.5 * lora_b @ lora_a)
+    with pytest.raises(ValueError, match="LoRA rank 4, but the config's adapter.r is 8"):
+        load_causal_generator(dataclasses.replace(cfg, adapter=AdapterSection(r=8)), ckpt, str(config))
