@@ -21,7 +21,7 @@ from model.encoders.bundle import EncoderPaths
 from model.typed_config import from_mapping, load_yaml
 
 SEED_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out"]
-ZERO_CHOICES = ("2", "3", "3-offload")
+ZERO_CHOICES = ("2", "3", "3-offload", "auto")
 MAX_SEQUENCE_PARALLEL = 64  # a rank needs at least one attention head; no Wan has more than 40
 DEFAULT_JOB = "opens2v-adapters"
 JOBS: dict[str, tuple[str, str]] = {
@@ -209,7 +209,8 @@ class RunConfig:
     max_consecutive_nonfinite: int = 5
     """Stop the run after this many non-finite losses in a row."""
     zero: str = "3"
-    """DeepSpeed config: '2', '3' or '3-offload' (configs/ds/), unless deepspeed_config is given."""
+    """DeepSpeed config: '2', '3' or '3-offload' (configs/ds/), unless deepspeed_config is given;
+    'auto': the first of those that fits this run on its ranks (ds_trainer/memory_plan.py)."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON file to use instead of configs/ds/ ("auto" values are filled from this config)."""
     disable_wandb: bool = False

@@ -14,6 +14,9 @@ ZERO_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_offload.
 
 
 def read_ds_config(zero: str = "3", path: Optional[str] = None) -> dict[str, Any]:
+    if zero not in ZERO_FILES and path is None:
+        raise ConfigError(f"zero: {zero!r} names no file of configs/ds ({sorted(ZERO_FILES)}); 'auto' is resolved "
+                          f"first by ds_trainer.memory_plan.resolve_auto_zero")
     src = Path(path) if path else configs_dir() / "ds" / ZERO_FILES[zero]
     try:
         return json.loads(src.read_text())

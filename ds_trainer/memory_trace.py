@@ -177,25 +177,29 @@ class Shapes:
     subjects: int = 1
 
 
-def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.empty(*shape, device=TRACE_DEVICE, dtype=dtype)
+def _meta(*shape, dtype=torch.float32, device: torch.device = TRACE_DEVICE) -> torch.Tensor:
+    if device.type == TRACE_DEVICE.type:
+        return torch.empty(*shape, device=device, dtype=dtype)
+    return torch.randn(*shape, device=device, dtype=dtype)
 
 
-def adapter_inputs(cfg, s: Shapes):
-    """The FlowInputs of a cached OpenS2V batch (ds_trainer/flow_step.py: inputs_from_batch), with
+def adapter_inputs(cfg, s: Shapes, device: torch.device = TRACE_DEVICE):
+    """The FlowInputs of a cached OpenS2V batch (ds_trainer/flow_step.py: inputs_from_batch) on
+    `device` (random values off meta, for measuring a real step), with
     every reference token valid: per-sample reference lengths need data (`.item()`), and the
     key-padding masks they add are B x K bytes per path."""
     from ds_trainer.flow_step import FlowInputs  # noqa: PLC0415
     from model.conditioning import Conditioning  # noqa: PLC0415
     from model.config import CLIP_TOKENS, T5_TOKENS, VAE_Z_DIM  # noqa: PLC0415
-    b, r = s.batch, s.subjects
-    cond = Conditioning(_meta(b, T5_TOKENS, cfg.text_dim), torch.full((b,), T5_TOKENS, device=TRACE_DEVICE),
-                        ref_vae=_meta(b, r, VAE_Z_DIM, s.height, s.width))
+    b, r, d = s.batch, s.subjects, device
+    cond = Conditioning(_meta(b, T5_TOKENS, cfg.text_dim, device=d), torch.full((b,), T5_TOKENS, device=d),
+                        ref_vae=_meta(b, r, VAE_Z_DIM, s.height, s.width, device=d))
     if cfg.reference_paths.clip:
-        cond = cond.replace(ref_clip=_meta(b, r, CLIP_TOKENS, cfg.clip_dim))
+        cond = cond.replace(ref_clip=_meta(b, r, CLIP_TOKENS, cfg.clip_dim, device=d))
     if cfg.model_type == "i2v":
-        cond = cond.replace(clip_fea=_meta(b, CLIP_TOKENS, cfg.clip_dim), y=_meta(b, 20, s.frames, s.height, s.width))
-    return FlowInputs(_meta(b, VAE_Z_DIM, s.frames, s.height, s.width), cond)
+        cond = cond.replace(clip_fea=_meta(b, CLIP_TOKENS, cfg.clip_dim, device=d),
+                            y=_meta(b, 20, s.frames, s.height, s.width, device=d))
+    return FlowInputs(_meta(b, VAE_Z_DIM, s.frames, s.height, s.width, device=d), cond)
 
 
 def i2v_inputs(cfg, s: Shapes):

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-kernels": ("build_kernels", "build the C++/CUDA extension ahead of time (ninja)"),
     "launch": ("launch", "run `train` on every node of a hostfile through deepspeed (ssh, or --no-ssh per node)"),
     "doctor": ("doctor", "check a hostfile, ssh, versions, NCCL variables, an all-reduce and the shared log dir"),
+    "plan-memory": ("plan_memory", "per-GPU memory under ZeRO-2 / 3 / 3+offload, frozen-aware; the config that fits"),
 }
 
 

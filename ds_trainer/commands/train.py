@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run config YAML (see configs/train_opens2v.yaml); --config_path is the seed's name")
     parser.add_argument("--logdir", required=True, help="checkpoints, metrics and copies of the configs go here")
     parser.add_argument("--no-auto-resume", action="store_true", help="start fresh even if DIR has checkpoints")
-    parser.add_argument("--zero", choices=["2", "3", "3-offload"], default=None, help="DeepSpeed ZeRO config to use")
+    parser.add_argument("--zero", choices=["2", "3", "3-offload", "auto"], default=None,
+                        help="DeepSpeed ZeRO config to use; auto: the first that fits by ds_trainer/memory_plan.py")
     parser.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON instead of configs/ds/*")
     parser.add_argument("--disable-wandb", action="store_true", default=None, help="no wandb logging")
     parser.add_argument("--max-iters", type=int, default=None)
@@ -50,8 +51,30 @@ def run(args: argparse.Namespace) -> int:
     from ds_trainer.config import load_train_config, trainer_class  # noqa: PLC0415
 
     cfg = load_train_config(args.config, overrides_from(args))
+    if cfg.zero == "auto":
+        cfg.zero = auto_zero(cfg)
     trainer = trainer_class(cfg)(cfg, args.logdir, auto_resume=not args.no_auto_resume)
     summary = trainer.train()
     if trainer.rank == 0:
         print(json.dumps({"finished": summary}))
     return 0
+
+
+def auto_zero(cfg) -> str:
+    """The ZeRO layout `zero: auto` resolves to for this run's config and world size (the launcher's
+    WORLD_SIZE / LOCAL_WORLD_SIZE; 1 for a plain process), logged with its estimate on rank 0."""
+    import os  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from ds_trainer.commands.plan_memory import format_plan  # noqa: PLC0415
+    from ds_trainer.memory_plan import GIB, resolve_auto_zero  # noqa: PLC0415
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout, plan = resolve_auto_zero(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+                                     torch.cuda.is_available())
+    if int(os.environ.get("RANK", "0")) == 0:
+        row = plan.row(layout, plan.job.roles[0].checkpointing)
+        log.info("zero: auto -> ZeRO-%s (predicted peak %.1f GiB of %.1f GiB per rank)
+%s", layout,
+                 row.memory.peak / GIB, plan.gpu_bytes / GIB, format_plan(plan))
+    return layout
