@@ -74,7 +74,6 @@ def auto_zero(cfg) -> str:
                                      torch.cuda.is_available())
     if int(os.environ.get("RANK", "0")) == 0:
         row = plan.row(layout, plan.job.roles[0].checkpointing)
-        log.info("zero: auto -> ZeRO-%s (predicted peak %.1f GiB of %.1f GiB per rank)
-%s", layout,
+        log.info("zero: auto -> ZeRO-%s (predicted peak %.1f GiB of %.1f GiB per rank)\n%s", layout,
                  row.memory.peak / GIB, plan.gpu_bytes / GIB, format_plan(plan))
     return layout
