@@ -4,8 +4,10 @@ Each epoch is one seeded permutation of the dataset, padded by wrap-around to a 
 world size x batch size; rank r takes positions r, r + W, r + 2W, ... So every rank gets the same
 number of FULL batches every epoch, whatever the dataset size (even one smaller than W x B):
 a DataLoader with drop_last never comes up empty, and no rank waits for another's extra batch. The position is kept as a GLOBAL count
-of consumed samples, so a run can resume on a different world size and still continue the same
-permutation without repeating or skipping samples.
+of consumed samples, so a run can resume on a different world size (or batch size) and continue the
+same permutation at exactly the next sample: nothing is repeated or skipped. When the samples left
+in that epoch are not a multiple of the new W x B, the rest of the epoch is padded by wrap-around
+as every epoch's end is.
 
 DataLoader workers prefetch ahead of training, so the sampler cannot know what was consumed: the
 trainer reports it with `advance(n)` (samples this rank consumed), and `state_dict()` records it.
@@ -31,12 +33,14 @@ class ResumableDistributedSampler(Sampler[int]):
         self.batch_size = batch_size
         self.epoch = 0
         self.consumed = 0  # global samples consumed in this epoch (all ranks)
+        self.start = 0  # where this world x batch began in the epoch: 0, or a resume's position
 
     @property
     def per_epoch(self) -> int:
-        """Global samples per epoch: dataset length padded up to a multiple of world x batch size."""
+        """Global samples in this epoch: dataset length padded up to a multiple of world x batch
+        size (counted from `start` in the epoch a resume on another layout landed in)."""
         step = self.world * self.batch_size
-        return -(-self.n // step) * step
+        return self.start + -(-(self.n - self.start) // step) * step
 
     def __len__(self) -> int:
         """Samples this rank yields for the rest of the current epoch."""
@@ -59,11 +63,11 @@ class ResumableDistributedSampler(Sampler[int]):
         self.consumed += samples_per_rank * self.world
         while self.consumed >= self.per_epoch:
             self.consumed -= self.per_epoch
-            self.epoch += 1
+            self.epoch, self.start = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
+            self.epoch, self.consumed, self.start = epoch, 0, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "dataset_len": self.n,
@@ -74,9 +78,9 @@ class ResumableDistributedSampler(Sampler[int]):
             raise ValueError(f"sampler state is for dataset_len={state['dataset_len']}, seed={state['seed']}, "
                              f"shuffle={state['shuffle']}; this run has {self.n}, {self.seed}, {self.shuffle}")
         self.epoch = int(state["epoch"])
-        # consumed stays a multiple of the new world x batch size: round down, re-serving < W x B
-        # samples; past the end of a (now shorter) epoch, the next epoch starts
-        step = self.world * self.batch_size
-        self.consumed = int(state["consumed"]) // step * step
-        if self.consumed >= self.per_epoch:
-            self.epoch, self.consumed = self.epoch + 1, 0
+        # continue at exactly the next sample; the epoch ends at the first multiple of this
+        # world x batch past the dataset (a no-op on the same layout). Only padding was left
+        # once `consumed` reached the dataset length: the next epoch starts
+        self.consumed = self.start = int(state["consumed"])
+        if self.consumed >= self.n:
+            self.epoch, self.consumed, self.start = self.epoch + 1, 0, 0

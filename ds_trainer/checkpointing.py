@@ -14,9 +14,12 @@ leaves a checkpoint that looks complete. Before a resume every file is checked a
 recorded size and hash (a truncated or same-size corrupted shard falls back to the previous
 checkpoint, naming the file), and DeepSpeed's own state files are read with
 `torch.load(weights_only=True)` (`WeightsOnlyCheckpointEngine`): nothing in a checkpoint runs code.
+A checkpoint resumes on another number of ranks (not another ZeRO stage) through DeepSpeed's
+universal checkpoint, converted once into `universal/` (ds_trainer/universal_checkpoint.py).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -170,10 +173,19 @@ def verify(ckpt: Path, check_exports: Optional[ExportCheck] = None) -> Optional[
         if file_digest(path) != record["sha256"]:
             return f"{rel} was changed after it was written (content hash differs)"
     listed = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"meta.json"}
-    extra = sorted(listed - set(files))
+    extra = sorted(rel for rel in listed - set(files) if not _unfinished_conversion(rel, meta))
     if extra:
         return f"{extra[0]} is not one of the files written" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     return check_exports(ckpt) if check_exports else None
+
+
+def _unfinished_conversion(rel: str, meta: dict) -> bool:
+    """A file of a universal conversion that meta.json does not record (cut short: redone on the
+    next resume on another world size, never loaded)."""
+    from ds_trainer import universal_checkpoint as universal  # noqa: PLC0415
+    top = rel.split("/", 1)[0]
+    return top in (universal.UNIVERSAL_TMP, universal.META_TMP) or (
+        top == universal.UNIVERSAL_SUBDIR and not universal.recorded(meta))
 
 
 def describe_difference(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
@@ -193,8 +205,8 @@ def find_resumable(logdir: Path, prefix: str, compat: dict[str, Any], layout: Op
 
     Damaged ones are skipped with a warning naming the file; when every checkpoint is damaged,
     NoUsableCheckpoint (a silent restart from step 0 would later prune them). One from another
-    job or config, or (with `layout`) from another world size or ZeRO stage, raises
-    IncompatibleCheckpoint saying what differs and what to do."""
+    job or config, or (with `layout`) from another ZeRO stage, raises IncompatibleCheckpoint
+    saying what differs and what to do. Another world size is fine: `load_checkpoint` converts."""
     problems = []
     for ckpt in reversed(list_checkpoints(logdir, prefix)):
         problem = verify(ckpt, check_exports)
@@ -210,13 +222,16 @@ def find_resumable(logdir: Path, prefix: str, compat: dict[str, Any], layout: Op
                 f"{ckpt} was written by a different job or config; refusing to resume from it "
                 f"(use another --logdir or --no-auto-resume). Differences: " + "; ".join(diffs[:6]))
         theirs = {k: meta.get(k) for k in (layout or {})}
-        if theirs != (layout or {}):
+        fixed = [k for k in theirs if k != "world_size"]
+        if any(theirs[k] != layout[k] for k in fixed):
             raise IncompatibleCheckpoint(
                 f"{ckpt} was written with " + ", ".join(f"{k}={v}" for k, v in theirs.items())
                 + "; this run has " + ", ".join(f"{k}={v}" for k, v in layout.items())
-                + ". DeepSpeed's optimizer state is partitioned by both and cannot be loaded across them: "
-                "resume with the same number of ranks and the same --zero, or start a new run in another "
-                "--logdir (the trained weights are in the checkpoint's exports).")
+                + ". A checkpoint resumes on another number of ranks (through DeepSpeed's universal "
+                "checkpoint), but not under another ZeRO stage: DeepSpeed keeps the optimizer state of "
+                "ZeRO-3 and of ZeRO-1/2 in different layouts and loads each only into its own stage. "
+                "Resume with the same --zero, or start a new run in another --logdir (the trained weights "
+                "are in the checkpoint's exports).")
         return ckpt
     if problems:
         raise NoUsableCheckpoint(f"every checkpoint in {logdir} is damaged, so the run will not restart from "
@@ -225,13 +240,20 @@ def find_resumable(logdir: Path, prefix: str, compat: dict[str, Any], layout: Op
     return None
 
 
-def load_checkpoint(engines: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
+def load_checkpoint(engines: Mapping[str, Any], ckpt: Path, world_size: Optional[int] = None) -> dict[str, Any]:
     """Restore each role's optimizer, scheduler and trainable weights and this rank's RNG;
-    returns the client state (saved alike with every role; the first role's is returned)."""
+    returns the client state (saved alike with every role; the first role's is returned).
+    When `world_size` differs from the checkpoint's, the state comes from its universal
+    checkpoint, converted first if it has none (a collective: every rank calls this)."""
+    from ds_trainer import universal_checkpoint as universal  # noqa: PLC0415
+    written_by = json.loads((ckpt / "meta.json").read_text()).get("world_size")
+    convert = world_size is not None and written_by != world_size
+    root = universal.prepare(ckpt, list(engines), world_size) if convert else ckpt / DS_SUBDIR
     clients = []
     for role, engine in engines.items():
-        _, client = engine.load_checkpoint(str(ckpt / DS_SUBDIR), tag=role, load_module_strict=False,
-                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        with universal.universal_loading(engine) if convert else contextlib.nullcontext():
+            _, client = engine.load_checkpoint(str(root), tag=role, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
             raise RuntimeError(f"{ckpt}: DeepSpeed could not load the state of role {role!r}")
         clients.append(client)

@@ -165,13 +165,14 @@ class Trainer:
     @classmethod
     def find_resumable(cls, logdir: Path, cfg: RunConfig, layout: Optional[dict[str, Any]] = None) -> Optional[Path]:
         """The newest intact checkpoint of this job and config in `logdir` (see checkpointing);
-        `layout` (world_size, zero_stage) must match too when given."""
+        with `layout`, its ZeRO stage must match too (another world size is converted on load)."""
         return ckpt.find_resumable(logdir, cls.checkpoint_prefix, cls.compatibility_key(cfg), layout,
                                    cls.check_exports)
 
     @property
     def layout(self) -> dict[str, Any]:
-        """How the DeepSpeed state is partitioned: a resume must match it."""
+        """How the DeepSpeed state is partitioned: a resume keeps the stage; another world size
+        loads through a universal checkpoint."""
         return {"world_size": self.world, "zero_stage": self.stage}
 
     def resume(self) -> None:
@@ -186,7 +187,7 @@ class Trainer:
             raise getattr(ckpt, error[0])(error[1])  # on every rank: none is left waiting
         if found is None:
             return
-        client = ckpt.load_checkpoint(self.engines, Path(found))
+        client = ckpt.load_checkpoint(self.engines, Path(found), self.world)
         self.restore(Path(found))
         self.step = int(client["step"])
         self.sampler.load_state_dict(client["sampler"])
