@@ -271,16 +271,14 @@ class Plan:
     def limit(self) -> int:
         return int(self.gpu_bytes * HEADROOM)
 
-    def row(self, layout: str, checkpointing: bool) -> Row:
-        return next(r for r in self.rows if r.layout == layout and r.checkpointing == checkpointing)
+    def row(self, layout: str, checkpointing: bool) -> Optional[Row]:
+        return next((r for r in self.rows if r.layout == layout and r.checkpointing == checkpointing), None)
 
     def recommended(self, checkpointing: Optional[bool] = None) -> Optional[Row]:
-        """The first row in PREFERENCE order that fits (only those with `checkpointing` if given)."""
+        """The first planned row in PREFERENCE order that fits (only those with `checkpointing` if given)."""
         for layout, ckpt in PREFERENCE:
-            if checkpointing is not None and ckpt != checkpointing:
-                continue
             row = self.row(layout, ckpt)
-            if row.fits:
+            if row is not None and row.fits and checkpointing in (None, ckpt):
                 return row
         return None
 
@@ -417,3 +415,45 @@ class ActivationTracer:
         critic_phase = max(roll_free.peak, roll_free.held + crit.peak + self.flash_dq(critic, s))
         masks = max(roll.masks, crit.masks)
         return max(gen_phase, critic_phase), masks + self.flash_dq(gen, full)
+
+
+# --------------------------------------------------------------- DeepSpeed and --zero auto
+def deepspeed_config(plan: Plan, row: Row) -> dict[str, Any]:
+    """The DeepSpeed JSON of a plan's row, as the trainer would resolve it (ds_trainer/ds_config.py)."""
+    from ds_trainer.ds_config import read_ds_config, resolve_ds_config  # noqa: PLC0415
+    job = plan.job
+    extra = {"sequence_parallel_size": job.sp} if job.sp > 1 else {}
+    return resolve_ds_config(read_ds_config(row.layout), job.shapes.batch, job.grad_accum, job.max_grad_norm,
+                             plan.on_gpu, plan.gpus // job.sp, **extra)
+
+
+def choose_zero(plan: Plan, checkpointing: bool) -> str:
+    """The ZeRO layout `--zero auto` takes: the first in PREFERENCE that fits with the run's own
+    activation checkpointing; an error saying by how much the smallest misses when none does."""
+    row = plan.recommended(checkpointing)
+    if row is None:
+        other = plan.recommended(not checkpointing)
+        hint = (f"; with model.activation_checkpointing: {str(not checkpointing).lower()} ZeRO-{other.layout} "
+                f"would fit" if other is not None else "")
+        raise ConfigError(f"zero: auto: {plan.no_fit_message()}{hint}")
+    return row.layout
+
+
+def device_memory(on_gpu: bool, local_ranks: int) -> int:
+    """Bytes one rank may use: the GPU's memory, or on CPU the host's available memory shared by
+    the node's ranks."""
+    if on_gpu:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    with open("/proc/meminfo") as fh:
+        info = dict(line.split(":", 1) for line in fh)
+    return int(info["MemAvailable"].split()[0]) * 1024 // max(1, local_ranks)
+
+
+def resolve_auto_zero(cfg, world: int, local_ranks: int, on_gpu: bool) -> tuple[str, Plan]:
+    """`zero: auto` of a run config on `world` ranks: (the chosen layout, its plan)."""
+    if cfg.deepspeed_config is not None:
+        raise ConfigError("zero: auto picks one of configs/ds/; it cannot be combined with deepspeed_config")
+    job = job_from_config(cfg)
+    ckpt = job.roles[0].checkpointing
+    plan = make_plan(job, world, device_memory(on_gpu, local_ranks), on_gpu, checkpointing=(ckpt,))
+    return choose_zero(plan, ckpt), plan

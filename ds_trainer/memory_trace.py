@@ -148,9 +148,10 @@ def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None
 
 
-TRACED_LAYERS = (2, 3)
-"""Layer counts a role is traced with. From 2 blocks on, every block adds the same bytes; with one
-block the peak can fall elsewhere (e.g. in the embeddings while activation checkpointing is on)."""
+TRACED_LAYERS = (3, 4)
+"""Layer counts a role is traced with. From 3 blocks on every block adds the same bytes (checked
+down to the tiny model); with fewer, the peak can fall elsewhere (in the embeddings or the text
+context while activation checkpointing is on)."""
 
 
 def per_layers(trace_with: Callable[[int], Trace], num_layers: int) -> Trace:

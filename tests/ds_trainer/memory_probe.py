@@ -29,18 +29,18 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
     from ds_trainer.flow_step import flow_matching_loss, step_generator
-    from ds_trainer.generator import build_wan
     from ds_trainer.memory_trace import Shapes, adapter_inputs
     from ds_trainer.trainable import apply_freeze, reference_trainable_patterns
     from model.config import WanConfig
     from model.flow_matching import FlowMatchingScheduler
+    from model.wan import WanModel
 
     cfg = WanConfig.from_dict(spec["arch"])
     scheduler = FlowMatchingScheduler()
 
     def trainer(shapes: Shapes):
         """A generator, its optimizer and one training step on `shapes`, as the trainer runs them."""
-        model = build_wan(cfg, {"zero_optimization": {"stage": 0}}, None, torch.device("cpu"))
+        model = WanModel(cfg)  # what ds_trainer/generator.py builds without ZeRO (it also imports deepspeed)
         apply_freeze(model, (r".",) if spec["full"] else reference_trainable_patterns(cfg))
         model.gradient_checkpointing = spec["checkpointing"]
         model.train()
