@@ -2,10 +2,12 @@
 embedded tiny default (configs/tiny_opens2v.yaml):
 
 1. write synthetic OpenS2V-format data (real mp4s, RLE masks, backgrounds);
-2. write tiny T5 / CLIP / VAE encoders and a tiny Wan base checkpoint in the official layouts;
-3. fill the encoder-output cache (`wanspeed cache`);
-4. train the reference adapters (the fused path too; LoRA is off in the tiny config) under
-   `deepspeed` with 2 CPU ranks and ZeRO-3;
+2. write tiny T5 / CLIP / VAE encoders and a tiny Wan base checkpoint in the official layouts
+   (the random VAE calibrated to the data, ds_trainer/demo_vae.py, so latents show the frames);
+3. fill the encoder-output cache (`wanspeed cache`), and a cache of held-out clips (other sources);
+4. measure `ref_gain` (ds_trainer/ref_gain.py) of the untrained model, train the reference adapters
+   (the fused path too; LoRA is off in the tiny config) under `deepspeed` with 2 CPU ranks and
+   ZeRO-3, and measure it again;
 5. plot the loss curve and sample a short mp4 from the trained model.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -35,8 +38,11 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "data").exists():
         make_demo_dataset(root / "data", clips=clips, parts=1, seed=seed)
+    config = root / "tiny_opens2v.yaml"
+    config.write_text((configs_dir() / "tiny_opens2v.yaml").read_text().replace("@DEMO@", str(root.resolve())))
     if not (root / "encoders" / "vae").exists():
         write_tiny_encoders(root / "encoders", text_dim=WAN_TINY.text_dim, clip_dim=WAN_TINY.clip_dim, seed=seed)
+        _calibrate_vae(config, root / "encoders" / "vae")
     if not (root / "base").exists():
         torch.manual_seed(seed)
         base = WanModel(WAN_TINY)
@@ -44,9 +50,44 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
         # whatever the adapters learn, so the demo base gets a unit-scale one.
         torch.nn.init.normal_(base.head.head.weight, std=WAN_TINY.dim ** -0.5)
         save_diffusers_dir(base, WAN_TINY, root / "base")
-    config = root / "tiny_opens2v.yaml"
-    config.write_text((configs_dir() / "tiny_opens2v.yaml").read_text().replace("@DEMO@", str(root.resolve())))
     return config
+
+
+def _calibrate_vae(config: Path, vae_dir: Path) -> None:
+    from ds_trainer.config import load_train_config  # noqa: PLC0415
+    from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
+    from ds_trainer.demo_vae import calibrate_tiny_vae  # noqa: PLC0415
+    dataset = opens2v_dataset(load_train_config(config))
+    calibrate_tiny_vae(vae_dir, [dataset[i]["video"][None] for i in range(len(dataset))])
+
+
+def prepare_heldout(root: Path, clips: int = 4, seed: int = 1) -> Path:
+    """Synthetic clips of other source videos (another seed) under `root/heldout`, and a copy of
+    the demo config reading them into `root/cache_heldout`; returns that config (for `wanspeed cache`)."""
+    from data.synthetic import make_demo_dataset  # noqa: PLC0415
+    if not (root / "heldout").exists():
+        make_demo_dataset(root / "heldout", clips=clips, parts=1, seed=seed)
+    config = root / "heldout_opens2v.yaml"
+    text = (root / "tiny_opens2v.yaml").read_text()
+    config.write_text(text.replace(f"{root.resolve()}/data/", f"{root.resolve()}/heldout/")
+                      .replace(f"{root.resolve()}/cache", f"{root.resolve()}/cache_heldout"))
+    return config
+
+
+def measure_ref_gain(config: Path, cache_dir: Path, checkpoint: Optional[Path] = None, repeats: int = 4):
+    """ref_gain (ds_trainer/ref_gain.py) of the config's model on the samples of `cache_dir`: the
+    untrained model (base + fresh adapters) without `checkpoint`, else base + the checkpoint."""
+    from ds_trainer import ref_gain  # noqa: PLC0415
+    from ds_trainer.config import load_train_config  # noqa: PLC0415
+    from ds_trainer.sample import build_generator  # noqa: PLC0415
+    from ds_trainer.sample_weights import base_generator  # noqa: PLC0415
+    from model.flow_matching import FlowMatchingScheduler  # noqa: PLC0415
+    cfg = load_train_config(config)
+    model = (build_generator(cfg, checkpoint, str(config)) if checkpoint is not None
+             else base_generator(cfg, cfg.wan_config()).eval())
+    samples, keys = ref_gain.cached_samples(cache_dir, model.config.reference_paths.clip)
+    return ref_gain.measure(model, samples, keys, FlowMatchingScheduler(shift=cfg.timestep_shift), seed=cfg.seed,
+                            repeats=repeats)
 
 
 def prepare_dmd(root: Path, clips: int = 4, seed: int = 0) -> Path:

@@ -115,3 +115,17 @@ def measure(model, samples: Sequence[FlowInputs], keys: Sequence[str], scheduler
         own, other = own + a, other + b
     count = len(samples) * repeats
     return RefGain(own / count, other / count, len(samples))
+
+
+def cached_samples(cache_dir, use_clip: bool, limit: Optional[int] = None) -> tuple[list[FlowInputs], list[str]]:
+    """The first `limit` (None: all) samples of a `wanspeed cache` directory as batches of one, and
+    their clip keys."""
+    from data.cache import CachedOpenS2VDataset, collate_cached_batch  # noqa: PLC0415
+    from ds_trainer.flow_step import inputs_from_batch  # noqa: PLC0415
+    dataset = CachedOpenS2VDataset(cache_dir)
+    samples, keys = [], []
+    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+        batch = collate_cached_batch([dataset[i]])
+        samples.append(inputs_from_batch(batch, None, torch.device("cpu"), use_clip))
+        keys.append(batch.keys[0])
+    return samples, keys

@@ -20,8 +20,9 @@ def run(args: argparse.Namespace) -> int:
     if args.job == "dmd":
         return run_dmd(args)
     from ds_trainer import sample  # noqa: PLC0415
+    from ds_trainer.adapter_trainer import AdapterTrainer  # noqa: PLC0415
     from ds_trainer.commands import cache  # noqa: PLC0415
-    from ds_trainer.demo import launch_training, prepare  # noqa: PLC0415
+    from ds_trainer.demo import launch_training, measure_ref_gain, prepare, prepare_heldout  # noqa: PLC0415
     from ds_trainer.metrics import read_metrics, summarise  # noqa: PLC0415
     from ds_trainer.plot import plot_loss  # noqa: PLC0415
 
@@ -29,19 +30,34 @@ def run(args: argparse.Namespace) -> int:
     root = args.out.resolve()
     config = prepare(root, args.clips)
     times["prepare"] = time.perf_counter() - t0
-    cache.run(argparse.Namespace(config=str(config), shard_size=32, local_rank=None))
+    heldout = prepare_heldout(root)
+    for cfg_path in (config, heldout):
+        cache.run(argparse.Namespace(config=str(cfg_path), shard_size=32, local_rank=None))
     times["cache"] = time.perf_counter() - t0 - sum(times.values())
+    caches = {"train_clips": root / "cache", "heldout_clips": root / "cache_heldout"}
+    gain = {"untrained": {name: measure_ref_gain(config, d) for name, d in caches.items()}}
     logdir = root / "run"
     launch_training(config, logdir, args.ranks, args.zero, extra=["--no-auto-resume"])
     times["train"] = time.perf_counter() - t0 - sum(times.values())
+    final = AdapterTrainer.list_checkpoints(logdir)[-1]
+    gain["trained"] = {name: measure_ref_gain(config, d, final) for name, d in caches.items()}
+    times["ref_gain"] = time.perf_counter() - t0 - sum(times.values())
     png = plot_loss(logdir)
     sample.run(argparse.Namespace(logdir=logdir, checkpoint=None, index=0, steps=None, out=None))
     times["plot+sample"] = time.perf_counter() - t0 - sum(times.values())
     summary = summarise(read_metrics(logdir))
     print(json.dumps({"logdir": str(logdir), "loss_curve": str(png), "sample": str(logdir / "sample.mp4"),
-                      "loss": summary, "seconds": {k: round(v, 1) for k, v in times.items()},
+                      "loss": summary, "ref_gain": _ref_gain_table(gain), "seconds": {k: round(v, 1) for k, v in times.items()},
                       "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0 if summary and summary["relative_drop"] > 0 else 1
+
+
+def _ref_gain_table(gain: dict) -> dict:
+    """{untrained|trained: {train_clips|heldout_clips: ratio and the two losses}} for the summary:
+    train_clips are the clips trained on (fresh noise), heldout_clips show subjects never seen."""
+    return {when: {name: {"ref_gain": round(g.ratio, 4), "loss_own": round(g.loss_own, 4),
+                          "loss_other": round(g.loss_other, 4), "samples": g.samples} for name, g in row.items()}
+            for when, row in gain.items()}
 
 
 def run_dmd(args: argparse.Namespace) -> int:
