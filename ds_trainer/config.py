@@ -44,7 +44,8 @@ class AdapterSection:
     lora_dropout: float = 0.0
     """Dropout on the LoRA input during training."""
     target_modules: list[str] = field(default_factory=lambda: list(SEED_LORA_TARGETS))
-    """diffusers names (to_q, to_k, to_v, to_out) are mapped to Wan's q, k, v, o."""
+    """diffusers names (to_q, to_k, to_v, to_out) are mapped to Wan's q, k, v, o; `[all-linear]`:
+    every Linear of the transformer blocks (LongLive's choice), the reference adapters' excepted."""
 
     def __post_init__(self):
         if self.adapter_type != "lora":

@@ -48,16 +48,30 @@ def apply_freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     return names
 
 
+ALL_LINEAR = "all-linear"
+"""The target that means every Linear of the transformer blocks (attention q/k/v/o and the image
+keys, the FFN), as LongLive puts LoRA on every Linear of its causal blocks; the reference
+adapters' own layers (trained in full) are left out."""
+
+
 def lora_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     """Map seed / diffusers target names to Wan's and check each matches a Linear of the blocks'
-    attention; a target that matches nothing is an error."""
+    attention (or `all-linear`: every Linear of the blocks but the adapters'); a target that
+    matches nothing is an error."""
+    if ALL_LINEAR in targets:
+        if targets != [ALL_LINEAR]:
+            raise ValueError(f"adapter.target_modules: {ALL_LINEAR!r} stands alone (got {targets})")
+        from model.checkpoint import is_adapter_key  # noqa: PLC0415
+        config = getattr(model, "config", None)
+        return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                      and re.match(r"blocks\.\d+\.", n) and not (config and is_adapter_key(n + ".weight", config)))
     wan = [LORA_NAME_MAP.get(t, t) for t in targets]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(r"blocks\.\d+\.(self|cross)_attn\.", n)]
     out = []
     for original, name in zip(targets, wan):
         if not any(n.endswith("." + name) for n in linears):
             raise ValueError(f"adapter.target_modules: {original!r} (Wan name {name!r}) matches no attention Linear; "
-                             f"Wan's are q, k, v, o (diffusers' to_q, to_k, to_v, to_out)")
+                             f"Wan's are q, k, v, o (diffusers' to_q, to_k, to_v, to_out), or {ALL_LINEAR!r}")
         out.append(name)
     # exact module paths so peft cannot match a same-named Linear outside the attention blocks
     return sorted(n for n in linears if n.rsplit(".", 1)[-1] in out)
@@ -72,7 +86,7 @@ def apply_lora(model: nn.Module, adapter: "AdapterSection") -> nn.Module:
                      target_modules=modules, init_lora_weights=True)
     model = inject_adapter_in_model(cfg, model)
     model.peft_config = {"default": cfg}
-    log.info("LoRA r=%d alpha=%d on %d attention Linears", adapter.r, adapter.lora_alpha, len(modules))
+    log.info("LoRA r=%d alpha=%d on %d Linears of the blocks", adapter.r, adapter.lora_alpha, len(modules))
     return model
 
 

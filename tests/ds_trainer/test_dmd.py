@@ -123,9 +123,10 @@ def test_the_trained_generator_rolls_out_a_video_and_the_losses_plot(dmd_runs):
 
 
 def test_lora_dmd_under_zero2_trains_only_adapters_and_exports_them_as_longlive(dmd_runs, tmp_path):
-    """LongLive's LoRA recipe on generator and critic, with ZeRO-2 (the teacher a plain frozen module)."""
+    """LongLive's LoRA recipe (every Linear of the blocks) on generator and critic, with ZeRO-2 (the
+    teacher a plain frozen module); the checkpoint samples through the causal loader, merged."""
     config = dmd_runs[0]
-    lora = "adapter={adapter_type: lora, r: 2, lora_alpha: 2, target_modules: [to_q, to_k, to_v, to_out]}"
+    lora = "adapter={adapter_type: lora, r: 2, lora_alpha: 2, target_modules: [all-linear]}"
     run = launch(config, tmp_path / "lora", ranks=1, zero="2", sets=(lora, "max_iters=3", "log_iters=3"))
     assert finished(run)["step"] == 3
     saved = torch.load(tmp_path / "lora" / "checkpoint_model_000003" / "model.pt", weights_only=True)
@@ -133,3 +134,11 @@ def test_lora_dmd_under_zero2_trains_only_adapters_and_exports_them_as_longlive(
     for role in saved.values():
         assert role and all("lora_" in k and k.startswith("model.") for k in role)
     assert any(v.abs().sum() > 0 for k, v in saved["generator_lora"].items() if "lora_B" in k)  # it trained
+    targets = {k.split(".lora_")[0].removeprefix("model.") for k in saved["generator_lora"]}
+    assert {"blocks.0.self_attn.q", "blocks.0.cross_attn.o", "blocks.0.ffn.0", "blocks.0.ffn.2"} <= targets
+
+    from ds_trainer.causal_sample import load_causal_generator
+    cfg = load_train_config(config, {"adapter": {"adapter_type": "lora", "r": 2, "lora_alpha": 2,
+                                                 "target_modules": ["all-linear"]}})
+    model = load_causal_generator(cfg, tmp_path / "lora" / "checkpoint_model_000003", str(config))
+    assert not any("lora" in n for n, _ in model.named_parameters())
