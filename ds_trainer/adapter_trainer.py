@@ -66,10 +66,32 @@ class AdapterTrainer(Trainer):
                                           warmup_steps=cfg.warmup_steps)}
 
     def build_data(self):
-        self.encoders = self._load_encoders() if self.cfg.cache_dir is None else None
-        if self.cfg.cache_dir:
-            return CachedOpenS2VDataset(self.cfg.cache_dir)
-        return opens2v_dataset(self.cfg)
+        cfg = self.cfg
+        # validation samples videos: it needs the encoders even when training from the cache
+        self.encoders = self._load_encoders() if cfg.cache_dir is None or cfg.validation else None
+        self.validator = self._build_validator() if cfg.validation else None
+        if cfg.cache_dir:
+            return CachedOpenS2VDataset(cfg.cache_dir)
+        return opens2v_dataset(cfg)
+
+    def _build_validator(self):
+        from data.options import DatasetOptions  # noqa: PLC0415
+        from ds_trainer.validation import Validator  # noqa: PLC0415
+        cfg, stride = self.cfg, self.encoders.vae.spatial_stride
+        size = DatasetOptions(section=cfg.opens2v, height=cfg.height, width=cfg.width).reference_size
+        return Validator(cfg.validation, self.encoders, self.logdir, self.rank, self.world, size,
+                         (cfg.num_training_frames, cfg.height // stride, cfg.width // stride), cfg.timestep_shift,
+                         cfg.sample.fps, cfg.validation.ref_gain_cache_dir or cfg.cache_dir,
+                         self.model.config.reference_paths, self.device)
+
+    def before_training(self) -> None:
+        if self.validator is not None and self.step == 0:  # the untrained baseline (ref_gain 1)
+            self.validator.run(self.engine, self.step, self.metrics.wandb)
+
+    def after_step(self) -> None:
+        if self.validator is not None and (self.step % self.cfg.validation.every == 0
+                                           or self.step == self.cfg.max_iters):
+            self.validator.run(self.engine, self.step, self.metrics.wandb)
 
     def _load_encoders(self):
         from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from data.options import OpenS2VSection
+from ds_trainer.validation import ValidationSection
 from model.config import PRESETS, ConfigError, ReferencePathsConfig, WanConfig
 from model.encoders.bundle import EncoderPaths
 from model.typed_config import from_mapping, load_yaml
@@ -291,6 +292,8 @@ class TrainConfig(RunConfig):
     (gathered module by module under ZeRO-3; rank 0 writes)."""
     sample: SampleSection = field(default_factory=SampleSection)
     """Defaults of `wanspeed sample`."""
+    validation: Optional[ValidationSection] = None
+    """Sampled videos and ref_gain every `validation.every` steps (ds_trainer/validation.py); None = none."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -315,6 +318,10 @@ class TrainConfig(RunConfig):
                               "holding CLIP tokens, or set train_clip_path: false)", key="encoders.clip")
         if self.cache_dir is None and not self.opens2v.json_paths:
             raise ConfigError("is empty: nothing to train on", key="opens2v.json_paths")
+        if self.validation is not None and self.encoders is None:
+            raise ConfigError("validation samples videos: set `encoders` (T5/CLIP/VAE paths)", key="validation")
+        if self.validation is not None and self.model.causal is not None:
+            raise ConfigError("validation does not sample the block-causal generator yet", key="validation")
         if self.is_cross_frame and not (self.opens2v.cross_frames_cluster_path and self.opens2v.cross_frames_base_path):
             raise ConfigError("is_cross_frame needs opens2v.cross_frames_cluster_path and cross_frames_base_path",
                               key="is_cross_frame")

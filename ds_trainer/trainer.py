@@ -148,6 +148,13 @@ class Trainer:
     def finish(self) -> None:
         """Called once after the last step (every rank)."""
 
+    def before_training(self) -> None:
+        """Called once before the first step of `train` (every rank; collectives are fine)."""
+
+    def after_step(self) -> None:
+        """Called after each optimizer step and its checkpoint, at `self.step` (every rank, at the
+        same steps: periodic collective work such as validation goes here)."""
+
     # ------------------------------------------------------------------------ checkpoints
     @classmethod
     def compatibility_key(cls, cfg: RunConfig) -> dict[str, Any]:
@@ -235,6 +242,7 @@ class Trainer:
     def train(self) -> dict:
         cfg, rows, micro, consecutive_bad, t0 = self.cfg, [], 0, 0, time.perf_counter()
         data_wait = 0.0
+        self.before_training()
         while self.step < cfg.max_iters:
             batches = 0
             for batch, waited in _timed(self.make_loader()):
@@ -262,6 +270,7 @@ class Trainer:
                 if self.step % cfg.log_iters == 0 or self.step == cfg.max_iters:
                     path = self.save()
                     log.info("checkpoint %s", path.name)
+                self.after_step()
                 if self.step >= cfg.max_iters:
                     break
                 if self.sampler.consumed == 0:
