@@ -21,9 +21,22 @@ FAST = ("lr=0.01", "warmup_steps=2")
 NAN_MODULE = "tests.ds_trainer.nan_injecting_train"
 
 
+def _subject_png(path: Path, rgb) -> str:
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (48, 32), "white")
+    ImageDraw.Draw(img).ellipse((10, 6, 38, 26), fill=rgb)
+    img.save(path)
+    return str(path)
+
+
 def test_zero3_two_ranks_trains_only_the_adapters(demo_config, tmp_path):
+    # with validation: 3 prompts on 2 ranks (rank 1 samples a stand-in), at steps 0 and 16
+    images = [_subject_png(tmp_path / f"s{i}.png", c) for i, c in enumerate(["red", "blue"])]
+    validation = (f"validation={{every: 16, prompts: [a red ellipse, a blue ellipse, a red ellipse moving], "
+                  f"subject_images: ['{images[0]}', '{images[1]}', '{images[0]}'], steps: 2, guidance: 2.0, "
+                  f"ref_gain_samples: 3, ref_gain_repeats: 1}}")
     proc = launch(demo_config, tmp_path / "run", sets=FAST + ("max_iters=16", "log_iters=8", "export_full=true",
-                                                              "model.activation_checkpointing=true"))
+                                                              "model.activation_checkpointing=true", validation))
     summary = finished(proc)
     assert summary["step"] == 16 and summary["nonfinite_losses"] == 0
     curve = losses(tmp_path / "run")
@@ -54,6 +67,7 @@ def test_zero3_two_ranks_trains_only_the_adapters(demo_config, tmp_path):
     assert json.loads((ckpt / "meta.json").read_text())["complete"]
     for name in ("config.yaml", "ds_config.json", "versions.json", "metrics.jsonl"):
         assert (tmp_path / "run" / name).exists(), name
+    _check_validation(tmp_path / "run", cfg)
     # wanspeed plot and wanspeed sample on the finished run
     import argparse
 
@@ -64,6 +78,23 @@ def test_zero3_two_ranks_trains_only_the_adapters(demo_config, tmp_path):
     sample.run(argparse.Namespace(logdir=tmp_path / "run", checkpoint=None, index=0, steps=2, out=None))
     video = decord.VideoReader(str(tmp_path / "run" / "sample.mp4"))
     assert len(video) == 4 * (cfg.num_training_frames - 1) + 1
+
+
+def _check_validation(logdir: Path, cfg) -> None:
+    """Every validation wrote one playable video and sheet per prompt and a finite ref_gain."""
+    import decord
+    rows = [json.loads(line) for line in (logdir / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 16]
+    assert rows[0]["ref_gain"] == 1.0  # untrained: the zero value paths add exactly nothing
+    assert all(r["ref_gain"] == r["ref_gain"] and r["ref_gain_loss_own"] > 0 for r in rows), rows
+    for row in rows:
+        videos = sorted((logdir / "validation" / f"step_{row['step']:06d}").glob("prompt_*.mp4"))
+        assert [v.name for v in videos] == ["prompt_00.mp4", "prompt_01.mp4", "prompt_02.mp4"]
+        for video in videos:
+            assert len(decord.VideoReader(str(video))) == 4 * (cfg.num_training_frames - 1) + 1
+            assert video.with_suffix(".png").stat().st_size > 100
+    first = logdir / "validation" / "step_000016"
+    assert (first / "prompt_00.mp4").read_bytes() != (first / "prompt_01.mp4").read_bytes()  # other subject
 
 
 def test_zero2_zero3_and_offload_give_the_same_losses(demo_config, tmp_path):
