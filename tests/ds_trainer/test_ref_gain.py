@@ -38,3 +38,19 @@ def test_a_short_trained_run_uses_its_subject_reference(demo_config, tmp_path):
     assert rows[0]["ref_gain"] == 1.0 and rows[0]["ref_gain_loss_own"] == rows[0]["ref_gain_loss_other"]
     assert rows[1]["ref_gain"] > 1.10, rows  # the model now predicts better with the right subject
     assert rows[1]["ref_gain_loss_own"] < rows[0]["ref_gain_loss_own"]
+
+
+def test_validation_section_errors_name_the_key(demo_config, tmp_path):
+    from ds_trainer.config import load_train_config
+    from ds_trainer.validation import rank_slots
+    from model.config import ConfigError
+    with pytest.raises(ConfigError, match=r"validation\.subject_images\[0\]: no such file"):
+        load_train_config(demo_config, {"validation": {"prompts": ["a"], "subject_images": [str(tmp_path / "x.png")]}})
+    (tmp_path / "s.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"validation\.subject_images: needs one image per prompt \(3\)"):
+        load_train_config(demo_config, {"validation": {"prompts": ["a", "b", "c"],
+                                                       "subject_images": [str(tmp_path / "s.png")] * 2}})
+    with pytest.raises(ConfigError, match=r"validation\.every: must be >= 1"):
+        load_train_config(demo_config, {"validation": {"every": 0}})
+    # 3 prompts over 2 ranks: rank 1 runs a stand-in, so both run two samplings
+    assert rank_slots(3, 0, 2) == [0, 2] and rank_slots(3, 1, 2) == [1, None]
