@@ -23,7 +23,6 @@ other ranks wait in a collective; then every rank loads it with DeepSpeed's univ
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -31,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+import types
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,13 +83,17 @@ def convert(ckpt: Path, roles: list[str]) -> float:
     from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415
     meta = json.loads((ckpt / "meta.json").read_text())
     tmp, final = ckpt / UNIVERSAL_TMP, ckpt / UNIVERSAL_SUBDIR
+    if recorded(meta):  # one made for other roles: out of the manifest before its files go
+        meta.pop("universal")
+        meta["files"] = {k: v for k, v in meta["files"].items() if not k.startswith(f"{UNIVERSAL_SUBDIR}/")}
+        _write_meta(ckpt, meta)
     for leftover in (tmp, final):  # not recorded in meta.json: an unfinished earlier conversion
         shutil.rmtree(leftover, ignore_errors=True)
     t0 = time.perf_counter()
     for role in roles:
-        args = argparse.Namespace(input_folder=str(ckpt / DS_SUBDIR / role), output_folder=str(tmp / role),
-                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                  strict=True, inject_missing_state=True)
+        args = types.SimpleNamespace(  # the options of ds_to_universal's command line
+            input_folder=str(ckpt / DS_SUBDIR / role), output_folder=str(tmp / role), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         chatter = io.StringIO()  # the converter prints progress bars and banners
         try:
             with torch_load_weights_only(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
@@ -107,9 +111,13 @@ def convert(ckpt: Path, roles: list[str]) -> float:
     meta["files"].update(files)
     meta["universal"] = {"from_world_size": meta.get("world_size"), "roles": roles, "seconds": round(seconds, 3),
                          "deepspeed": deepspeed_version, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (ckpt / META_TMP).write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(ckpt / META_TMP, ckpt / "meta.json")
+    _write_meta(ckpt, meta)
     return seconds
+
+
+def _write_meta(ckpt: Path, meta: dict[str, Any]) -> None:
+    (ckpt / META_TMP).write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(ckpt / META_TMP, ckpt / "meta.json")  # atomic: the old manifest or the new one
 
 
 def prepare(ckpt: Path, roles: list[str], world_size: int) -> Path:
