@@ -54,3 +54,27 @@ def test_validation_section_errors_name_the_key(demo_config, tmp_path):
         load_train_config(demo_config, {"validation": {"every": 0}})
     # 3 prompts over 2 ranks: rank 1 runs a stand-in, so both run two samplings
     assert rank_slots(3, 0, 2) == [0, 2] and rank_slots(3, 1, 2) == [1, None]
+
+
+def test_validation_videos_are_logged_to_wandb_as_videos(tmp_path):
+    """Rank 0's logging of a validation: validation.jsonl and wandb (offline) media files."""
+    import torch
+    import wandb
+
+    from ds_trainer.validation import Validator, ValidationSection
+    from ds_trainer.video_out import Mp4Writer, contact_sheet
+    validator = Validator(ValidationSection(), None, tmp_path, 0, 1, (32, 48), (2, 4, 6), 1.0, 4, None,
+                          None, torch.device("cpu"))
+    video = torch.rand(3, 5, 32, 48) * 2 - 1
+    out = validator.step_dir(7) / "prompt_00.mp4"
+    with Mp4Writer(out, 4) as writer:
+        writer.append(video)
+    contact_sheet(video, [video[:, 0]], out.with_suffix(".png"))
+    run = wandb.init(project="t", dir=str(tmp_path), mode="offline")
+    validator._log(7, {"ref_gain": 1.25}, run)
+    run.finish()
+    row = json.loads((tmp_path / "validation.jsonl").read_text())
+    assert row["step"] == 7 and row["ref_gain"] == 1.25 and row["videos"] == [str(out)]
+    media = list((tmp_path / "wandb").glob("offline-run-*/files/media/videos/validation/*.mp4"))
+    assert len(media) == 1 and media[0].stat().st_size > 0
+    assert list((tmp_path / "wandb").glob("offline-run-*/files/media/images/validation/*.png"))
