@@ -28,7 +28,7 @@ def two_node_run(tmp_path_factory):
         "--env", "WANSPEED_LAUNCH_TEST=1", "--", "train", "--config", str(config), "--logdir", str(logdir),
         "--zero", "3", "--disable-wandb", "--set", f"max_iters={STEPS}", "--set", f"log_iters={STEPS}",
         "--set", "batch_size=1"], env=env)
-    return SimpleNamespace(nodes=nodes, logdir=logdir, cache=root / "demo" / "cache")
+    return SimpleNamespace(nodes=nodes, logdir=logdir, cache=root / "demo" / "cache", config=config, env=env)
 
 
 def test_both_nodes_finish_as_one_world_of_two(two_node_run):
@@ -65,3 +65,17 @@ def test_deepspeed_env_records_the_variables_every_node_needs(two_node_run):
 def test_the_shared_directory_probes_leave_nothing_behind(two_node_run):
     for directory in (two_node_run.logdir, two_node_run.cache):
         assert not list(Path(directory).glob(".wanspeed_shared_probe_*"))
+
+
+def test_a_log_dir_only_one_node_sees_stops_both_nodes_at_start(two_node_run, tmp_path):
+    """node-b in another working directory: the relative log dir is two different directories, as
+    a node-local disk would be. Both nodes stop at start naming rank 1; no checkpoint is written."""
+    (tmp_path / "node-b").mkdir()
+    nodes = run_two_nodes("launch", write_hostfile(tmp_path), [
+        "--", "train", "--config", str(two_node_run.config), "--logdir", "run_local", "--zero", "3",
+        "--disable-wandb", "--set", "max_iters=1", "--set", "log_iters=1", "--set", "batch_size=1"],
+        cwds=(tmp_path, tmp_path / "node-b"), env=two_node_run.env)
+    for code, out in nodes:
+        assert code != 0, out[-3000:]
+        assert "log dir" in out and "is not shared by every node: rank 1 (" in out, out[-3000:]
+    assert not list(tmp_path.rglob("checkpoint_opens2v_*"))
