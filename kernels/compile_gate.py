@@ -566,5 +566,18 @@ def compile_gate(archs: Sequence[str] = tuple(ARCHS), shapes: str = "wan-1.3b", 
     path = Path(out) if out else RESULTS / f"compile-{shapes}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(format_report(report))
     report["path"] = str(path)
     return report
+
+
+def format_report(report: dict) -> str:
+    """The markdown written beside the JSON: versions, budgets, the summary, every row."""
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    failures = "\n".join(f"- {f}" for f in report["failures"]) or "none"
+    return (f"# Compile gate, {report['shapes']['name']} shapes ({report['device']})\n\n"
+            f"{versions}. Spill budget for a kept config: {report['spill_budget']} B; shared memory limit: "
+            f"{report['smem_limit']}. {len(report['rows']) + len(report['extension'])} compiles in "
+            f"{report['seconds']} s with {report['processes']} processes.\n\nFailures: {failures}\n\n"
+            f"## Per kernel and architecture\n\n{format_summary(report['summary'])}\n\n"
+            f"## Every compile\n\n{format_table(report['rows'] + report['extension'])}\n")
