@@ -4,7 +4,7 @@ from ptxas. The always-run part compiles, for sm_90 in bf16, per kernel the conf
 keeps that the register estimate rates hardest, and the configs the measured table drops that
 spill least (closest to the line): the compiler must agree with the committed table both ways.
 The committed report (the full run) must cover every config and agree with the table. The
-`slow` part reruns everything: every config, both dtypes, both architectures."""
+full rerun (every config, both dtypes, both architectures: ~40 min here) is opt-in."""
 import json
 import os
 from pathlib import Path
@@ -142,9 +142,13 @@ def test_committed_report_covers_every_config_and_matches_the_table():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("WANSPEED_FULL_COMPILE_GATE"),
+                    reason="the full gate is ~40 min of compiles on 2 cores (past the suite's budget); its committed "
+                           "report is checked above. Run `wanspeed bench compile --update-table`, or set "
+                           "WANSPEED_FULL_COMPILE_GATE=1 to run it here")
 def test_every_config_compiles_for_hopper_and_blackwell_as_the_table_says(tmp_path):
-    """The full gate at the main shapes (many minutes on 2 cores): every config in bf16 and
-    fp16 for sm_90 and sm_100, and the extension, checked against the committed table."""
+    """The full gate at the main shapes: every config in bf16 and fp16 for sm_90 and sm_100,
+    and the extension, checked against the committed table."""
     report = gate.compile_gate(out=tmp_path / "gate.json")
     assert not report["failures"], "\n".join(report["failures"])
     assert len(report["rows"]) == len(gate.jobs())
