@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from data.paths import safe_relpath  # noqa: F401  (re-exported: data/i2v.py imports it from here)
+from data.paths import safe_relpath
 from data.skips import BadSample
 
 # Frame indices, pixel coordinates and mask sizes above this are no real video's (and would

@@ -370,8 +370,7 @@ def _tag(row: dict) -> str:
 
 def _point(row: dict) -> str:
     """The measured table's key (kernels.triton_common.measured_point builds the same at launch)."""
-    head_dim = SHAPES[row.get("shapes", "wan-1.3b")]["head_dim"]
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    block_d = _constexprs({}, row["dtype"], row.get("shapes", "wan-1.3b"))["BLOCK_D"]
     variant = ",".join(f"{k}={int(v)}" for k, v in sorted(row["variant"].items()))
     return f"{row['arch']}/{row['dtype']}/D{block_d}/{variant}"
 

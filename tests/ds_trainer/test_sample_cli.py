@@ -121,6 +121,21 @@ def test_frames_must_fit_the_vae_stride():
 
 
 # ------------------------------------------------------------------------------ the command
+
+
+def _export_perturbed(model, cfg, ckpt, g):
+    """Perturb the trainable weights as training would (from `g`) and export them into `ckpt` as
+    the trainer does (AdapterTrainer.write_exports)."""
+    from ds_trainer.adapter_trainer import AdapterTrainer
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ckpt.mkdir()
+    AdapterTrainer.write_exports(types.SimpleNamespace(model=model, stage=0, cfg=cfg), ckpt)
+    return ckpt
+
+
 @pytest.fixture(scope="module")
 def adapter_ckpt(demo_config, tmp_path_factory):
     """A checkpoint_opens2v_ directory as the trainer exports it (AdapterTrainer.write_exports and
@@ -134,13 +149,7 @@ def adapter_ckpt(demo_config, tmp_path_factory):
     model = base_generator(cfg, cfg.wan_config())
     apply_freeze(model, reference_trainable_patterns(model.config))
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ckpt = tmp_path_factory.mktemp("sample") / "checkpoint_opens2v_000004"
-    ckpt.mkdir()
-    AdapterTrainer.write_exports(types.SimpleNamespace(model=model, stage=0, cfg=cfg), ckpt)
+    ckpt = _export_perturbed(model, cfg, tmp_path_factory.mktemp("sample") / "checkpoint_opens2v_000004", g)
     (ckpt / "meta.json").write_text(json.dumps({"compat": AdapterTrainer.compatibility_key(cfg), "complete": True},
                                                default=str))
     return ckpt
@@ -219,7 +228,6 @@ def test_sample_command_names_the_missing_subject_image_flag(demo_config, adapte
 def test_lora_checkpoints_load_from_model_pt_or_the_peft_dir_merged_or_not(demo_config, tmp_path):
     """A LoRA run's exports (AdapterTrainer.write_exports: model.pt, adapter.safetensors, lora/):
     every form gives the trained model's output; --merge-lora folds LoRA in with the same output."""
-    from ds_trainer.adapter_trainer import AdapterTrainer
     from ds_trainer.config import load_train_config
     from ds_trainer.sample import build_generator
     from ds_trainer.sample_weights import base_generator
@@ -231,13 +239,7 @@ def test_lora_checkpoints_load_from_model_pt_or_the_peft_dir_merged_or_not(demo_
     model = apply_lora(base_generator(cfg, cfg.wan_config()), cfg.adapter)
     apply_freeze(model, reference_trainable_patterns(model.config))
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ckpt = tmp_path / "checkpoint_opens2v_000002"
-    ckpt.mkdir()
-    AdapterTrainer.write_exports(types.SimpleNamespace(model=model, stage=0, cfg=cfg), ckpt)
+    ckpt = _export_perturbed(model, cfg, tmp_path / "checkpoint_opens2v_000002", g)
     x, t = torch.randn(1, 16, 2, 4, 6, generator=g), torch.tensor([500.0])
     cond = Conditioning(torch.randn(1, 5, WAN_TINY.text_dim, generator=g), ref_vae=torch.randn(1, 1, 16, 4, 6, generator=g),
                         ref_vae_lens=torch.tensor([24]), ref_clip=torch.randn(1, 1, 7, WAN_TINY.clip_dim, generator=g),
