@@ -6,7 +6,8 @@ Conditioning as in training (data/encode.py: encode_i2v: clip_fea of the image, 
 latent); the image latent is the independent first block; every other block runs the config's
 (warped) few-step denoising list, re-noising each step's x0 to the next step, then one clean pass
 at `context_noise` writes it to the KV cache (ds_trainer/self_forcing.py's rollout with the last
-step as every block's exit). The KV cache is a sink + ring window when the config's causal section
+step as every block's exit). LongLive's prompt switches (`--prompt a --prompt b --switch-at F`):
+from latent frame F on, prompt b, after a KV re-cache of the frames done (ds_trainer/prompt_switch.py). The KV cache is a sink + ring window when the config's causal section
 sets local_attn_size / sink_size, so videos longer than the training window keep a bounded cache.
 Weights: `generator_ema` when the checkpoint has it, else `generator` (Self-Forcing's `model.`
 keys), checked against the config like the subject mode's; or `generator_lora` (a LoRA DMD run, or
@@ -18,7 +19,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -97,11 +98,23 @@ def i2v_inputs(cfg, encoders, image_path: Optional[Path], prompt: str, latent_fr
     return cond, first, image
 
 
+def prompt_conditions(encoders, cond, prompts: list[str]) -> list:
+    """`cond` with each prompt's T5 context in turn (clip_fea and y stay the first frame's)."""
+    out = []
+    for prompt in prompts:
+        context, lens = encoders.t5.encode([prompt])
+        out.append(cond.replace(context=context.float().to(cond.context.device),
+                                context_lens=lens.to(cond.context.device)))
+    return out
+
+
 @torch.no_grad()
 def stream_rollout(model, cfg, cond, first: torch.Tensor, noise: torch.Tensor, rng: torch.Generator,
-                   on_block: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+                   on_block: Optional[Callable[[int, torch.Tensor], None]] = None,
+                   switches: Sequence = (), keep_sink: bool = True) -> torch.Tensor:
     """Every block of noise [1, 16, F, h, w] through the KV cache with the config's few-step list;
-    returns the latents, calling on_block(index, x0) as each block is done."""
+    returns the latents, calling on_block(index, x0) as each block is done. switches: prompt
+    switches (ds_trainer/prompt_switch.py: PromptSwitch), the sink kept over them with keep_sink."""
     from ds_trainer.self_forcing import self_forcing_rollout, warped_steps  # noqa: PLC0415
     from model.causal import frame_blocks  # noqa: PLC0415
     from model.flow_matching import FlowMatchingScheduler  # noqa: PLC0415
@@ -111,7 +124,8 @@ def stream_rollout(model, cfg, cond, first: torch.Tensor, noise: torch.Tensor, r
     steps = warped_steps(cfg.denoising_step_list, scheduler, cfg.warp_denoising_step)
     blocks = len(frame_blocks(noise.shape[2], causal))
     return self_forcing_rollout(model, model, noise, cond, first, causal, steps, [len(steps) - 1] * blocks,
-                                scheduler, cfg.context_noise, grad=False, rng=rng, on_block=on_block)
+                                scheduler, cfg.context_noise, grad=False, rng=rng, on_block=on_block,
+                                switches=switches, keep_sink=keep_sink)
 
 
 def sample_causal_video(cfg, config_path: str, ckpt: Path, req) -> dict:
@@ -124,20 +138,23 @@ def sample_causal_video(cfg, config_path: str, ckpt: Path, req) -> dict:
     from model.causal import frame_blocks  # noqa: PLC0415
     from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
 
+    from ds_trainer.prompt_switch import PromptSwitch, switch_blocks  # noqa: PLC0415
+
     t0 = time.perf_counter()
-    if len(req.prompts) != 1 or req.switch_at:
-        raise ValueError("prompt switches (--prompt a --prompt b --switch-at N) are not built yet: give one --prompt")
     frames = latent_frames_for(req.frames) if req.frames else cfg.num_training_frames
     try:
         blocks = frame_blocks(frames, cfg.causal.causal_config())
     except ValueError as exc:
         raise ValueError(f"--frames {req.frames}: {frames} latent frames do not split into blocks: {exc}") from exc
+    at = switch_blocks(req.switch_at, blocks, len(req.prompts))
     if req.image is None:
         raise ValueError("causal I2V mode needs the first frame: give it with --image FIRST_FRAME")
     device, dtype = _device()
     model = load_causal_generator(cfg, ckpt, config_path, dtype, device)
     encoders = load_frozen_encoders(cfg.encoders, device)
     cond, first, image = i2v_inputs(cfg, encoders, req.image, req.prompts[0], frames)
+    later = prompt_conditions(encoders, cond, req.prompts[1:])
+    switches = [PromptSwitch(block, c.to(device, dtype)) for block, c in zip(at, later)]
     rng = torch.Generator().manual_seed(req.seed)
     noise = torch.randn((1, 16, *cond.y.shape[2:]), generator=rng).to(device)
     decoder, chunks = StreamingDecoder(encoders.vae), []
@@ -150,11 +167,13 @@ def sample_causal_video(cfg, config_path: str, ckpt: Path, req) -> dict:
             chunks.append(pixels.cpu())
             bar.update(1)
 
-        stream_rollout(model, cfg, cond.to(device, dtype), first.to(device, dtype), noise.to(dtype), rng, write_block)
+        stream_rollout(model, cfg, cond.to(device, dtype), first.to(device, dtype), noise.to(dtype), rng, write_block,
+                       switches, keep_sink=not req.recache_sink)
     decoder.close()
     bar.close()
     video = torch.cat(chunks, dim=1)
     out = {"video": str(req.out), "frames": video.shape[1], "size": list(video.shape[2:]), "blocks": len(blocks),
+           "switch_blocks": at,
            "sample_seconds": round(time.perf_counter() - t1, 2), "total_seconds": round(time.perf_counter() - t0, 2)}
     if req.grid:
         out["grid"] = str(contact_sheet(video, [image], Path(req.out).with_suffix(".png")))

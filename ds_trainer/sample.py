@@ -47,6 +47,8 @@ class SampleRequest:
     """Causal I2V mode: the first frame."""
     switch_at: list[int] = field(default_factory=list)
     """Causal I2V mode: latent frames at which the next prompt takes over."""
+    recache_sink: bool = False
+    """Causal I2V mode: a switch re-caches the sink frames too (LongLive's global_sink false)."""
     negative_prompt: Optional[str] = None
     """None: the config's `negative_prompt` if it has one, else empty."""
     frames: Optional[int] = None
@@ -329,7 +331,7 @@ def run(args) -> int:
 def request_from(args) -> SampleRequest:
     return SampleRequest(prompts=list(args.prompt), out=Path(args.out),
                          subject_images=[Path(p) for p in args.subject_image or []], image=args.image,
-                         switch_at=list(args.switch_at or []),
+                         switch_at=list(args.switch_at or []), recache_sink=bool(getattr(args, "recache_sink", False)),
                          negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps,
                          guidance=args.guidance, ref_guidance=args.ref_guidance, seed=args.seed, sampler=args.sampler,
                          shift=args.shift, grid=args.grid, merge_lora=args.merge_lora)

@@ -12,11 +12,12 @@ rank runs the same number of forwards (ZeRO-3 gathers are collectives: a differe
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ds_trainer.distributed import broadcast_object
+from ds_trainer.prompt_switch import PromptSwitch, recache_after_switch
 from model.causal import BlockStep, CausalConfig, frame_blocks
 from model.conditioning import Conditioning
 from model.flow_matching import FlowMatchingScheduler
@@ -48,7 +49,8 @@ def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: 
                          first_latent: Optional[torch.Tensor], causal: CausalConfig, steps: list[float],
                          exits: list[int], scheduler: FlowMatchingScheduler, context_noise: float,
                          grad: bool, rng: torch.Generator,
-                         on_block: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+                         on_block: Optional[Callable[[int, torch.Tensor], None]] = None,
+                         switches: Sequence[PromptSwitch] = (), keep_sink: bool = True) -> torch.Tensor:
     """Roll the causal generator over all blocks of `noise` [B, 16, F, h, w]; returns the x0 of
     every block, [B, 16, F, h, w].
 
@@ -56,7 +58,9 @@ def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: 
     `(x, t, block=BlockStep)`; model: the CausalWanModel (for its caches and cross-attention
     cache). first_latent [B, 16, 1, h, w]: the image latent (independent_first_frame). y of `cond`
     is sliced per block. Gradients flow only through each block's exit step (when `grad`).
-    on_block(index, x0 [B, 16, f, h, w]) is called as each block is done (streaming inference)."""
+    on_block(index, x0 [B, 16, f, h, w]) is called as each block is done (streaming inference).
+    switches: LongLive's prompt switches (ds_trainer/prompt_switch.py): from each one's block on, its
+    conditioning, after re-caching the frames done (the sink kept with `keep_sink`)."""
     b, _, f, h, w = noise.shape
     p = model.config.patch_size
     frame_tokens = (h // p[1]) * (w // p[2])
@@ -65,8 +69,14 @@ def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: 
     with torch.set_grad_enabled(grad):
         cross = model.cross_attention_cache(cond)
     blocks = frame_blocks(f, causal)
+    switch_at = {s.block: s.cond for s in switches}
     out = []
     for index, (start, end) in enumerate(blocks):
+        if index in switch_at:
+            with torch.set_grad_enabled(grad):
+                cross = model.cross_attention_cache(switch_at[index])
+            recache_after_switch(generator, caches, cross, torch.cat(out, dim=2).detach(), cond.y, blocks[:index],
+                                 causal, context_noise, keep_sink)
         y = cond.y[:, :, start:end] if cond.y is not None else None
         step = BlockStep(start, caches, cross, y)
         if causal.independent_first_frame and index == 0:

@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="subject image (RGBA: cut out by its alpha on white; RGB: taken as a cut-out); repeatable")
     parser.add_argument("--image", type=Path, default=None, help="causal I2V mode: the first frame")
     parser.add_argument("--switch-at", type=int, action="append", default=None, metavar="FRAME",
-                        help="causal I2V mode: latent frame at which the next --prompt takes over")
+                        help="causal I2V mode: latent frame at which the next --prompt takes over (a block start)")
+    parser.add_argument("--recache-sink", action="store_true",
+                        help="causal I2V mode: at a switch re-cache the sink frames too (LongLive's global_sink "
+                             "false); default: the sink keeps the first prompt's K, V")
     parser.add_argument("--frames", type=int, default=None, help="pixel frames, 1 + 4k (default: the training length)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's sample.steps)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")

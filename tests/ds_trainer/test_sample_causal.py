@@ -149,3 +149,103 @@ def test_longlive_lora_pt_loads_on_its_base_and_is_merged(dmd_ckpt, tmp_path):
     torch.testing.assert_close(halved.get_submodule(name).weight, base[f"{name}.weight"] + 0.5 * lora_b @ lora_a)
     with pytest.raises(ValueError, match="LoRA rank 4, but the config's adapter.r is 8"):
         load_causal_generator(dataclasses.replace(cfg, adapter=AdapterSection(r=8)), ckpt, str(config))
+
+
+@pytest.fixture(scope="module")
+def switch_setup(dmd_ckpt):
+    """The tiny DMD generator with a window of 4 frames and a 1-frame sink, the conditionings of two
+    prompts and a 9-frame rollout's noise: blocks (0,1) (1,3) (3,5) (5,7) (7,9)."""
+    from ds_trainer.causal_sample import i2v_inputs, load_causal_generator, prompt_conditions
+    from ds_trainer.config import load_train_config
+    from model.encoders.bundle import load_frozen_encoders
+
+    config, ckpt, image, _ = dmd_ckpt
+    cfg = load_train_config(config)
+    cfg = dataclasses.replace(cfg, causal=dataclasses.replace(cfg.causal, local_attn_size=4, sink_size=1))
+    model = load_causal_generator(cfg, ckpt, str(config))
+    encoders = load_frozen_encoders(cfg.encoders)
+    cond, first, _ = i2v_inputs(cfg, encoders, image, "a red box", 9)
+    (cond_b,) = prompt_conditions(encoders, cond, ["a blue ball rolling away"])
+    return cfg, model, cond, cond_b, first
+
+
+def _switch_rollout(setup, switches, keep_sink=True, spy=None):
+    from ds_trainer.causal_sample import stream_rollout
+    cfg, model, cond, _, first = setup
+    rng = torch.Generator().manual_seed(5)
+    noise = torch.randn((1, 16, *cond.y.shape[2:]), generator=rng)
+    caches = []
+    real = model.new_kv_caches
+    model.new_kv_caches = lambda *a, **k: caches.extend(real(*a, **k)) or caches
+    original = model.forward_block
+    if spy is not None:
+        def forward_block(x, t, start, kv, cross, y=None):
+            spy.append((start, x.shape[2], float(t.flatten()[0]), cross[0], [c.k.clone() for c in kv]))
+            return original(x, t, start, kv, cross, y)
+        model.forward_block = forward_block
+    try:
+        return stream_rollout(model, cfg, cond, first, noise, rng, switches=switches, keep_sink=keep_sink), caches
+    finally:
+        model.forward_block, model.new_kv_caches = original, real
+
+
+def test_a_prompt_switch_changes_the_cross_attention_cache_at_its_block_and_recaches(switch_setup):
+    """Switch before block 3 (frame 5): blocks 0-2 are those of the one-prompt rollout; then the
+    frames the window still sees after the sink (1-4: window 4 minus sink 1 = 3 frames, 2-4) are
+    re-run at context_noise under prompt b's cross cache, block by block along the rollout's own
+    boundaries (2-3 is the tail of block (1,3)); every later call uses prompt b's cache."""
+    from ds_trainer.prompt_switch import PromptSwitch
+
+    cfg, model, cond, cond_b, first = switch_setup
+    plain, _ = _switch_rollout(switch_setup, [])
+    calls = []
+    switched, caches = _switch_rollout(switch_setup, [PromptSwitch(3, cond_b)], spy=calls)
+    torch.testing.assert_close(switched[:, :, :5], plain[:, :, :5], rtol=0, atol=0)
+    assert (switched[:, :, 5:] - plain[:, :, 5:]).abs().max() > 1e-4
+    text_a, text_b = (model.embed_context(c).text for c in (cond, cond_b))
+    prompt_of = [("a" if torch.equal(ctx.text, text_a) else "b" if torch.equal(ctx.text, text_b) else "?")
+                 for _, _, _, ctx, _ in calls]
+    steps = len(cfg.denoising_step_list)
+    # block 0 (the image): its clean pass; blocks 1, 2: 4 steps + the clean pass each
+    before = 1 + 2 * (steps + 1)
+    assert prompt_of[:before] == ["a"] * before and set(prompt_of[before:]) == {"b"}
+    recache = [(start, n, t) for start, n, t, _, _ in calls[before:before + 2]]
+    assert recache == [(2, 1, cfg.context_noise), (3, 2, cfg.context_noise)]
+    assert calls[before + 2][:2] == (5, 2)  # then block 3's first denoising step
+    # the sink (frame 0's tokens) is the first prompt's, untouched by the re-cache
+    sink = caches[0].sink
+    torch.testing.assert_close(calls[before + 2][4][0][:, :sink], calls[before][4][0][:, :sink], rtol=0, atol=0)
+
+
+def test_recache_sink_rewrites_the_window_from_its_first_frame(switch_setup):
+    """LongLive's global_sink false: the cache is emptied and the last 4 frames (1-4) re-run, so frame
+    1 becomes the sink."""
+    from ds_trainer.prompt_switch import PromptSwitch, recache_range
+
+    cfg, _, _, cond_b, _ = switch_setup
+    causal = cfg.causal.causal_config()
+    assert recache_range(5, causal, keep_sink=True) == (2, True)
+    assert recache_range(5, causal, keep_sink=False) == (1, False)
+    assert recache_range(1, causal, keep_sink=True) == (0, False)  # nothing past the sink yet
+    calls = []
+    _switch_rollout(switch_setup, [PromptSwitch(3, cond_b)], keep_sink=False, spy=calls)
+    starts = [(start, n) for start, n, t, _, _ in calls if t == cfg.context_noise]
+    # clean passes of blocks 0-2, the re-cache (1-3, 3-5), clean passes of blocks 3, 4
+    assert starts == [(0, 1), (1, 2), (3, 2), (1, 2), (3, 2), (5, 2), (7, 2)]
+
+
+def test_causal_sample_command_switches_prompts(dmd_ckpt, tmp_path, capsys):
+    import decord
+    config, ckpt, image, _ = dmd_ckpt
+    base = ["sample", "--config", str(config), "--ckpt", str(ckpt), "--image", str(image), "--frames", "25",
+            "--out", str(tmp_path / "v.mp4"), "--prompt", "a red box", "--prompt", "a blue ball"]
+    assert wanspeed(base + ["--switch-at", "3"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["switch_blocks"] == [2] and len(decord.VideoReader(str(tmp_path / "v.mp4"))) == 25
+    with pytest.raises(SystemExit, match=r"--switch-at 4: a switch must be at the first latent frame of a block "
+                                         r"after the first; this video's blocks start at \[1, 3, 5\]"):
+        wanspeed(base + ["--switch-at", "4"])
+    with pytest.raises(SystemExit, match="2 --prompt for 0 --switch-at: give one prompt more than switches"):
+        wanspeed(base)
+    with pytest.raises(SystemExit, match=r"switches must be in increasing order, got \[5, 3\]"):
+        wanspeed(base + ["--prompt", "c", "--switch-at", "5", "--switch-at", "3"])
