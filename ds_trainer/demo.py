@@ -90,6 +90,47 @@ def measure_ref_gain(config: Path, cache_dir: Path, checkpoint: Optional[Path] =
                             repeats=repeats)
 
 
+def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None) -> dict:
+    """How close the trained model's samples are to their subjects, against the untrained model's on
+    the same seeds and inputs (ds_trainer/subject_likeness.py), over the run's clips: colour distance
+    to each subject cut-out (the real clip's VAE reconstruction beside them, the reachable end), and
+    latent distance to the sample's own clip vs the other clips."""
+    from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
+    from ds_trainer.config import load_train_config  # noqa: PLC0415
+    from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
+    from ds_trainer.flow_step import inputs_from_batch  # noqa: PLC0415
+    from ds_trainer.sample import build_generator, sample_video  # noqa: PLC0415
+    from ds_trainer.sample_weights import base_generator  # noqa: PLC0415
+    from ds_trainer.subject_likeness import colour_distance, latent_distances  # noqa: PLC0415
+    from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
+
+    cfg = load_train_config(config)
+    encoders = load_frozen_encoders(cfg.encoders)
+    dataset = opens2v_dataset(cfg)
+    models = {"trained": build_generator(cfg, checkpoint, str(config)),
+              "untrained": base_generator(cfg, cfg.wan_config()).eval()}
+    samples = [dataset[i] for i in range(len(dataset))]
+    use_clip = cfg.wan_config().reference_paths.clip
+    inputs = [inputs_from_batch(collate_opens2v_batch([s]), encoders, torch.device("cpu"), use_clip) for s in samples]
+    clips = torch.cat([i.latents for i in inputs])
+    mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
+    with torch.no_grad():
+        recon = [colour_distance(s["subject_images"][0], encoders.vae.decode(i.latents)[0].float())
+                 for s, i in zip(samples, inputs)]
+        out = {"clips": len(samples), "colour_distance_vae_reconstruction": mean(recon),
+               "colour_distance_real_clip": mean([colour_distance(s["subject_images"][0], s["video"].float())
+                                                  for s in samples])}
+        for name, model in models.items():
+            latents = [sample_video(model, i, steps or cfg.sample.steps, cfg.timestep_shift,
+                                    torch.Generator().manual_seed(cfg.seed + k)) for k, i in enumerate(inputs)]
+            colour = [colour_distance(s["subject_images"][0], encoders.vae.decode(x)[0].float())
+                      for s, x in zip(samples, latents)]
+            own, other = latent_distances(torch.cat(latents), clips)
+            out[name] = {"colour_distance": mean(colour), "latent_mse_own_clip": round(own, 4),
+                         "latent_mse_other_clips": round(other, 4)}
+    return out
+
+
 def prepare_dmd(root: Path, clips: int = 4, seed: int = 0) -> Path:
     """The demo's data and encoders plus a tiny I2V base (generator start and teacher); returns the
     resolved configs/tiny_i2v_dmd.yaml."""

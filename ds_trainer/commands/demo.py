@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from ds_trainer import sample  # noqa: PLC0415
     from ds_trainer.adapter_trainer import AdapterTrainer  # noqa: PLC0415
     from ds_trainer.commands import cache  # noqa: PLC0415
-    from ds_trainer.demo import launch_training, measure_ref_gain, prepare, prepare_heldout  # noqa: PLC0415
+    from ds_trainer.demo import (launch_training, measure_likeness, measure_ref_gain, prepare,  # noqa: PLC0415
+                                 prepare_heldout)
     from ds_trainer.metrics import read_metrics, summarise  # noqa: PLC0415
     from ds_trainer.plot import plot_loss  # noqa: PLC0415
 
@@ -41,13 +42,15 @@ def run(args: argparse.Namespace) -> int:
     times["train"] = time.perf_counter() - t0 - sum(times.values())
     final = AdapterTrainer.list_checkpoints(logdir)[-1]
     gain["trained"] = {name: measure_ref_gain(config, d, final) for name, d in caches.items()}
-    times["ref_gain"] = time.perf_counter() - t0 - sum(times.values())
+    likeness = measure_likeness(config, final)
+    times["ref_gain+likeness"] = time.perf_counter() - t0 - sum(times.values())
     png = plot_loss(logdir)
     sample.run(argparse.Namespace(logdir=logdir, checkpoint=None, index=0, steps=None, out=None))
     times["plot+sample"] = time.perf_counter() - t0 - sum(times.values())
     summary = summarise(read_metrics(logdir))
     print(json.dumps({"logdir": str(logdir), "loss_curve": str(png), "sample": str(logdir / "sample.mp4"),
-                      "loss": summary, "ref_gain": _ref_gain_table(gain), "seconds": {k: round(v, 1) for k, v in times.items()},
+                      "loss": summary, "ref_gain": _ref_gain_table(gain),
+                      "subject_likeness": likeness, "seconds": {k: round(v, 1) for k, v in times.items()},
                       "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0 if summary and summary["relative_drop"] > 0 else 1
 
