@@ -320,8 +320,6 @@ class TrainConfig(RunConfig):
             raise ConfigError("is empty: nothing to train on", key="opens2v.json_paths")
         if self.validation is not None and self.encoders is None:
             raise ConfigError("validation samples videos: set `encoders` (T5/CLIP/VAE paths)", key="validation")
-        if self.validation is not None and self.model.causal is not None:
-            raise ConfigError("validation does not sample the block-causal generator yet", key="validation")
         if self.is_cross_frame and not (self.opens2v.cross_frames_cluster_path and self.opens2v.cross_frames_base_path):
             raise ConfigError("is_cross_frame needs opens2v.cross_frames_cluster_path and cross_frames_base_path",
                               key="is_cross_frame")

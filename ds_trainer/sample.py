@@ -160,8 +160,17 @@ def guided_flow(model, x: torch.Tensor, t: torch.Tensor, br: GuidanceBranches, g
 @torch.no_grad()
 def denoise(model, noise: torch.Tensor, br: GuidanceBranches, sampler, guidance: float,
             ref_guidance: Optional[float]) -> torch.Tensor:
-    """Run `sampler` (a schedulers.FlowSampler) from noise [B, 16, F, h, w] to clean latents."""
+    """Run `sampler` (a schedulers.FlowSampler) from noise [B, 16, F, h, w] to clean latents. A
+    block-causal generator is sampled block by block through its KV cache instead
+    (ds_trainer/causal_denoise.py), a fresh sampler of the same kind per block."""
     from tqdm import tqdm  # noqa: PLC0415
+
+    from model.causal import CausalWanModel  # noqa: PLC0415
+    if isinstance(model, CausalWanModel):
+        from ds_trainer.causal_denoise import denoise_blockwise  # noqa: PLC0415
+        from ds_trainer.schedulers import FlowSampler  # noqa: PLC0415
+        remake = lambda: FlowSampler(sampler.name, len(sampler), sampler.shift)  # noqa: E731
+        return denoise_blockwise(model, noise, br, remake, guidance, ref_guidance)
     x = noise
     b = x.shape[0]
     for i in tqdm(range(len(sampler)), desc=f"sample ({sampler.name})", disable=progress_disabled()):

@@ -56,13 +56,22 @@ def weights_key(cfg: RunConfig) -> dict[str, Any]:
     return {"job": cfg.job, "model": architecture_key(cfg.wan_config()), "adapter": adapter}
 
 
+def causal_of(cfg):
+    """The CausalConfig of an adapter config with `model.causal`, else None."""
+    section = getattr(getattr(cfg, "model", None), "causal", None)
+    return section.causal_config() if section is not None else None
+
+
 def base_generator(cfg, wan_cfg, dtype: torch.dtype = torch.float32, device="cpu") -> WanModel:
     """The config's base weights (`generator_ckpt`), or, without one, the random base the trainer
-    builds (every module seeded from (seed, its name), so the same weights as in training)."""
+    builds (every module seeded from (seed, its name), so the same weights as in training). A config
+    whose `model.causal` is set gets the block-causal CausalWanModel, as its run trained."""
+    from model.causal import CausalWanModel  # noqa: PLC0415
     from model.checkpoint import load_wan_model  # noqa: PLC0415
+    causal = causal_of(cfg)
     if cfg.generator_ckpt:
-        return load_wan_model(cfg.generator_ckpt, config=wan_cfg, dtype=dtype, device=device)[0]
-    model = WanModel(wan_cfg)
+        return load_wan_model(cfg.generator_ckpt, config=wan_cfg, dtype=dtype, device=device, causal=causal)[0]
+    model = CausalWanModel(wan_cfg, causal) if causal is not None else WanModel(wan_cfg)
     for name, module in model.named_modules():
         if any(True for _ in module.parameters(recurse=False)):
             init_module_seeded(name, module, wan_cfg, cfg.seed)

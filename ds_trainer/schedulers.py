@@ -57,7 +57,7 @@ class FlowSampler:
             self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
         self.scheduler.set_timesteps(sigmas=unshifted_grid(sampler, steps))
         self.scheduler.set_begin_index(0)
-        self.name = sampler
+        self.name, self.shift = sampler, shift
         self.timesteps: torch.Tensor = self.scheduler.timesteps
         self.sigmas: torch.Tensor = self.scheduler.sigmas
 

@@ -245,11 +245,13 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str) -> WanConfig:
 
 def load_wan_model(path: str | Path, config: Optional[WanConfig] = None,
                    reference_paths: Optional[ReferencePathsConfig] = None, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", use_ema: bool = False) -> tuple[WanModel, LoadReport]:
+                   device: str | torch.device = "cpu", use_ema: bool = False,
+                   causal=None) -> tuple[WanModel, LoadReport]:
     """Build a WanModel on the meta device and load `path` into it (see the module docstring).
 
     config: the architecture; default = the directory's config.json, else inferred from shapes.
     reference_paths: adapters to add on top of that config (their weights may be absent).
+    causal: a model.causal.CausalConfig to build the block-causal CausalWanModel instead (same keys).
     """
     sd, config_json, report = read_checkpoint(path, use_ema)
     sd, report.dropped_prefix = strip_wrapper_prefix(sd)
@@ -262,7 +264,11 @@ def load_wan_model(path: str | Path, config: Optional[WanConfig] = None,
     if reference_paths is not None:
         config = config.replace(reference_paths=reference_paths)
     with torch.device("meta"):
-        model = WanModel(config)
+        if causal is not None:
+            from model.causal import CausalWanModel  # noqa: PLC0415  (model.causal builds on this module's WanModel)
+            model = CausalWanModel(config, causal)
+        else:
+            model = WanModel(config)
     report.initialised = load_state_dict_assign(model, sd, str(path), dtype=dtype, device=device)
     report.loaded = len(sd)
     log.info("loaded %s", report.summary())

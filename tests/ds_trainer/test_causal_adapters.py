@@ -182,10 +182,25 @@ def test_zero3_two_ranks_trains_the_adapters_of_the_causal_generator(demo_config
     from ds_trainer.metrics import read_metrics
     from model.checkpoint import read_checkpoint
     from tests.ds_trainer.conftest import finished, launch
+    from tests.ds_trainer.test_training import _subject_png
     causal = "model.causal={num_frame_per_block: 1, independent_first_frame: true, teacher_forcing: true}"
+    # validation samples the causal generator block by block under ZeRO-3: 3 prompts on 2 ranks
+    images = [_subject_png(tmp_path / f"s{i}.png", c) for i, c in enumerate(["red", "blue"])]
+    validation = (f"validation={{every: 3, prompts: [a red ellipse, a blue ellipse, a red ellipse moving], "
+                  f"subject_images: ['{images[0]}', '{images[1]}', '{images[0]}'], steps: 2, guidance: 2.0, "
+                  f"ref_gain_samples: 3, ref_gain_repeats: 1}}")
     proc = launch(demo_config, tmp_path / "run", sets=("lr=0.01", "warmup_steps=2", "max_iters=3", "log_iters=1",
-                                                      "keep_last_checkpoints=3", "export_full=true", causal))
+                                                      "keep_last_checkpoints=3", "export_full=true", causal,
+                                                      validation))
     summary = finished(proc)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 3] and rows[0]["ref_gain"] == 1.0, rows
+    import decord
+    for row in rows:
+        videos = sorted((tmp_path / "run" / "validation" / f"step_{row['step']:06d}").glob("prompt_*.mp4"))
+        assert [v.name for v in videos] == ["prompt_00.mp4", "prompt_01.mp4", "prompt_02.mp4"]
+        assert all(len(decord.VideoReader(str(v))) == 4 * (load_train_config(demo_config).num_training_frames - 1) + 1
+                   for v in videos)
     assert summary["step"] == 3 and summary["nonfinite_losses"] == 0
     assert "block-causal" in proc.output and "teacher-forced" in proc.output  # the causal generator trained
     curve = [r["loss"] for r in read_metrics(tmp_path / "run")]
