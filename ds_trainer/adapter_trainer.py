@@ -82,7 +82,7 @@ class AdapterTrainer(Trainer):
         return Validator(cfg.validation, self.encoders, self.logdir, self.rank, self.world, size,
                          (cfg.num_training_frames, cfg.height // stride, cfg.width // stride), cfg.timestep_shift,
                          cfg.sample.fps, cfg.validation.ref_gain_cache_dir or cfg.cache_dir,
-                         self.model.config.reference_paths, self.device)
+                         self.model.config.reference_paths, self.device, cfg.sequence_parallel_size)
 
     def before_training(self) -> None:
         if self.validator is not None and self.step == 0:  # the untrained baseline (ref_gain 1)

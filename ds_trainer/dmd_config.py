@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ds_trainer.config import AdapterSection, CausalSection, ModelSection, RunConfig
+from ds_trainer.dmd_validation import I2VValidationSection
 from model.config import ConfigError
 from model.encoders.bundle import EncoderPaths
 
@@ -125,6 +126,9 @@ class DMDConfig(RunConfig):
     """The EMA starts as a copy of the generator at the first generator update from this step on."""
     max_grad_norm: float = 10.0
     """Gradient clipping of both roles (Self-Forcing: 10)."""
+    validation: Optional[I2VValidationSection] = None
+    """Streaming I2V videos of fixed prompts and first frames every `validation.every` steps
+    (ds_trainer/dmd_validation.py); None = none."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -176,6 +180,13 @@ class DMDConfig(RunConfig):
         if self.encoders.clip is None:
             raise ConfigError("is required: clip_fea (CLIP tokens of the first frame) conditions every I2V call",
                               key="encoders.clip")
+        if self.validation is not None and self.encoders is None:
+            raise ConfigError("validation samples videos: set `encoders` (T5/CLIP/VAE paths)", key="validation")
+        if self.validation is not None and self.validation.num_frames is not None:
+            try:
+                self.causal.check_frames(self.validation.num_frames)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, key="validation.num_frames") from exc
 
     @property
     def use_ema(self) -> bool:

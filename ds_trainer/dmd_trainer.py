@@ -177,6 +177,25 @@ class DMDTrainer(Trainer):
         else:
             self.ema.update(self.cfg.ema_weight)
 
+    # -------------------------------------------------------------------------- validation
+    def before_training(self) -> None:
+        if self.cfg.validation is not None and self.step == 0:  # the starting generator's videos
+            self.validate()
+
+    def after_step(self) -> None:
+        val = self.cfg.validation
+        if val is not None and (self.step % val.every == 0 or self.step == self.cfg.max_iters):
+            self.validate()
+
+    def validate(self) -> None:
+        """Streaming I2V videos of the generator (ds_trainer/dmd_validation.py), on every rank."""
+        if getattr(self, "validator", None) is None:
+            from ds_trainer.dmd_validation import CausalI2VValidator  # noqa: PLC0415
+            from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
+            encoders = getattr(self, "encoders", None) or load_frozen_encoders(self.cfg.encoders, self.device)
+            self.validator = CausalI2VValidator(self.cfg, encoders, self.logdir, self.rank, self.world, self.device)
+        self.validator.run(self.generator, self.step, self.metrics.wandb)
+
     def _skip(self, loss: torch.Tensor, role: str, batch) -> bool:
         finite = bool(torch.isfinite(loss).item())
         if not finite:

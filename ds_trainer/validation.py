@@ -79,33 +79,35 @@ def rank_slots(count: int, rank: int, world: int) -> list[Optional[int]]:
     return mine + [None] * (math.ceil(count / world) - len(mine))
 
 
-class Validator:
-    """Runs one validation (`run`) of an adapter run's generator; built once per run on every rank."""
+class VideoValidation:
+    """What every job's validation shares: `run` on every rank (this rank's videos, then the job's
+    metrics), the per-step directory, and rank 0's log line + wandb media. A job's validator sets
+    `logdir`, `rank`, `world` (and `sp_size` under sequence parallelism) and provides `_videos` (and
+    `_metrics`). Under SP the ranks of a group (consecutive ranks, model/sequence_parallel.py) hold
+    shards of ONE video, so prompts are sharded over the groups, and only a group's first rank writes."""
 
-    def __init__(self, section: ValidationSection, encoders, logdir: Path, rank: int, world: int,
-                 reference_size: tuple[int, int], latent_shape: tuple[int, int, int], timestep_shift: float,
-                 fps: int, ref_gain_cache: Optional[str], refs, device: torch.device):
-        """latent_shape: (F, h, w) of a sampled video's latents; refs: the generator's
-        ReferencePathsConfig."""
-        self.section, self.encoders, self.logdir = section, encoders, Path(logdir)
-        self.refs, self.device = refs, device
-        self.rank, self.world = rank, world
-        self.reference_size, self.latent_shape = reference_size, latent_shape
-        self.shift, self.fps = timestep_shift, fps
-        self.samples, self.keys = [], []
-        if ref_gain_cache:
-            from ds_trainer.ref_gain import cached_samples, swap_partners  # noqa: PLC0415
-            self.samples, self.keys = cached_samples(ref_gain_cache, refs.clip, section.ref_gain_samples)
-            self.partners = swap_partners(self.keys)
+    logdir: Path
+    rank: int
+    world: int
+    sp_size: int = 1
+
+    def _slots(self, count: int) -> list[Optional[int]]:
+        """This rank's items of `count` (rank_slots over the data-parallel groups)."""
+        return rank_slots(count, self.rank // self.sp_size, self.world // self.sp_size)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes the videos it samples (its SP group's first rank)."""
+        return self.rank % self.sp_size == 0
 
     def run(self, model, step: int, wandb_run=None) -> dict[str, float]:
-        """Every rank: this rank's videos, then ref_gain over all ranks; rank 0 logs. Returns the metrics."""
+        """Every rank: this rank's videos, then the metrics over all ranks; rank 0 logs. Returns the metrics."""
         from ds_trainer.distributed import barrier  # noqa: PLC0415
         was_training = model.training
         model.eval()
         try:
             videos = self._videos(model, step)
-            metrics = self._ref_gain(model) if self.samples else {}
+            metrics = self._metrics(model)
         finally:
             model.train(was_training)
         barrier()  # every rank's files are on disk before rank 0 logs them
@@ -115,8 +117,48 @@ class Validator:
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "videos only", len(videos), self.rank)
         return metrics
 
+    def _videos(self, model, step: int) -> list[Path]:
+        raise NotImplementedError
+
+    def _metrics(self, model) -> dict[str, float]:
+        return {}
+
     def step_dir(self, step: int) -> Path:
         return self.logdir / "validation" / f"step_{step:06d}"
+
+    def _log(self, step: int, metrics: dict[str, float], wandb_run) -> None:
+        videos = sorted(self.step_dir(step).glob("prompt_*.mp4"))
+        with (self.logdir / "validation.jsonl").open("a") as fh:
+            fh.write(json.dumps({"step": step, **metrics, "videos": [str(v) for v in videos]}) + "\n")
+        if wandb_run is None:
+            return
+        import wandb  # noqa: PLC0415
+        media = {f"validation/{v.stem}": wandb.Video(str(v), format="mp4") for v in videos}
+        media.update({f"validation/{v.stem}_sheet": wandb.Image(str(v.with_suffix(".png"))) for v in videos})
+        wandb_run.log({**{f"validation/{k}": v for k, v in metrics.items()}, **media}, step=step)
+
+
+class Validator(VideoValidation):
+    """Runs one validation (`run`) of an adapter run's generator; built once per run on every rank."""
+
+    def __init__(self, section: ValidationSection, encoders, logdir: Path, rank: int, world: int,
+                 reference_size: tuple[int, int], latent_shape: tuple[int, int, int], timestep_shift: float,
+                 fps: int, ref_gain_cache: Optional[str], refs, device: torch.device, sp_size: int = 1):
+        """latent_shape: (F, h, w) of a sampled video's latents; refs: the generator's
+        ReferencePathsConfig; sp_size: the run's sequence_parallel_size."""
+        self.section, self.encoders, self.logdir = section, encoders, Path(logdir)
+        self.refs, self.device = refs, device
+        self.rank, self.world, self.sp_size = rank, world, sp_size
+        self.reference_size, self.latent_shape = reference_size, latent_shape
+        self.shift, self.fps = timestep_shift, fps
+        self.samples, self.keys = [], []
+        if ref_gain_cache:
+            from ds_trainer.ref_gain import cached_samples, swap_partners  # noqa: PLC0415
+            self.samples, self.keys = cached_samples(ref_gain_cache, refs.clip, section.ref_gain_samples)
+            self.partners = swap_partners(self.keys)
+
+    def _metrics(self, model) -> dict[str, float]:
+        return self._ref_gain(model) if self.samples else {}
 
     @torch.no_grad()
     def _videos(self, model, step: int) -> list[Path]:
@@ -124,15 +166,15 @@ class Validator:
         from ds_trainer.schedulers import FlowSampler  # noqa: PLC0415
         from ds_trainer.video_out import Mp4Writer, contact_sheet  # noqa: PLC0415
         sec, written, device = self.section, [], self.device
-        for slot in rank_slots(len(sec.prompts), self.rank, self.world):
+        for slot in self._slots(len(sec.prompts)):
             index = 0 if slot is None else slot
             subjects = load_subject_image(Path(sec.subject_for(index)), *self.reference_size)[None, None]
             br = guidance_branches(self.encoders, self.refs, sec.prompts[index], "", subjects.to(device), False)
             noise = torch.randn((1, 16, *self.latent_shape), generator=torch.Generator().manual_seed(sec.seed + index))
             latents = denoise(model, noise.to(device), br, FlowSampler(sec.sampler, sec.steps, self.shift),
                               sec.guidance, None)
-            if slot is None:
-                continue  # the stand-in: the same forwards as the others, nothing written
+            if slot is None or not self.writes:
+                continue  # a stand-in (the same forwards as the others) or another SP rank: nothing written
             video = self.encoders.vae.decode(latents.float())[0]
             out = self.step_dir(step) / f"prompt_{slot:02d}.mp4"
             with Mp4Writer(out, self.fps) as writer:
@@ -148,7 +190,7 @@ class Validator:
         scheduler, reps = FlowMatchingScheduler(shift=self.shift), self.section.ref_gain_repeats
         device = self.device
         own = other = count = 0.0
-        for slot in rank_slots(len(self.samples), self.rank, self.world):
+        for slot in self._slots(len(self.samples)):
             i = 0 if slot is None else slot
             inputs, donor = self.samples[i], self.samples[self.partners[i]]
             inputs = type(inputs)(inputs.latents.to(device), inputs.cond.to(device))
@@ -157,14 +199,3 @@ class Validator:
                 own, other, count = own + a, other + b, count + reps
         own, other, count = (all_reduce_scalar(v) for v in (own, other, count))
         return RefGain(own / count, other / count, len(self.samples)).metrics()
-
-    def _log(self, step: int, metrics: dict[str, float], wandb_run) -> None:
-        videos = sorted(self.step_dir(step).glob("prompt_*.mp4"))
-        with (self.logdir / "validation.jsonl").open("a") as fh:
-            fh.write(json.dumps({"step": step, **metrics, "videos": [str(v) for v in videos]}) + "\n")
-        if wandb_run is None:
-            return
-        import wandb  # noqa: PLC0415
-        media = {f"validation/{v.stem}": wandb.Video(str(v), format="mp4") for v in videos}
-        media.update({f"validation/{v.stem}_sheet": wandb.Image(str(v.with_suffix(".png"))) for v in videos})
-        wandb_run.log({**{f"validation/{k}": v for k, v in metrics.items()}, **media}, step=step)

@@ -23,9 +23,14 @@ PROBE = "tests.ds_trainer.dmd_probe_train"
 
 @pytest.fixture(scope="module")
 def dmd_runs(demo_config, tmp_path_factory):
+    from PIL import Image
     config = prepare_dmd(Path(demo_config).parent)
     root = tmp_path_factory.mktemp("dmd")
-    full = launch(config, root / "full", sets=("max_iters=6",), module=PROBE)
+    image = root / "first.png"
+    Image.new("RGB", (48, 32), (200, 60, 40)).save(image)
+    # validation: 3 prompts on 2 ranks (rank 1 rolls out a stand-in), before step 1 and at steps 3 and 6
+    validation = f"validation={{every: 3, prompts: [a red box, a blue ball, a red box moving], images: ['{image}']}}"
+    full = launch(config, root / "full", sets=("max_iters=6", validation), module=PROBE)
     first = launch(config, root / "resumed", sets=("max_iters=3",), module=PROBE)
     second = launch(config, root / "resumed", sets=("max_iters=6",), module=PROBE)
     return config, root, full, first, second
@@ -58,6 +63,22 @@ def test_a_few_dmd_steps_train_generator_and_critic_and_leave_the_teacher_bit_id
         assert any(not torch.equal(weights[k], base[k]) for k in base), f"{role} did not train"
     calls = json.loads((root / "full" / "probe_calls.json").read_text())
     assert calls["generator"] > 0 and calls["critic"] > 0 and calls["teacher"] > 0  # each checked its inputs
+
+
+def test_validation_streams_one_video_per_prompt_at_each_validation(dmd_runs):
+    import decord
+    config, root, _, _, _ = dmd_runs
+    rows = [json.loads(line) for line in (root / "full" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 3, 6]
+    frames = 4 * (load_train_config(config).num_training_frames - 1) + 1
+    for row in rows:
+        videos = sorted((root / "full" / "validation" / f"step_{row['step']:06d}").glob("prompt_*.mp4"))
+        assert [v.name for v in videos] == ["prompt_00.mp4", "prompt_01.mp4", "prompt_02.mp4"] == \
+            [Path(v).name for v in row["videos"]]
+        assert all(len(decord.VideoReader(str(v))) == frames and v.with_suffix(".png").is_file() for v in videos)
+    step = lambda s, i: (root / "full" / "validation" / f"step_{s:06d}" / f"prompt_{i:02d}.mp4").read_bytes()  # noqa: E731
+    assert step(6, 0) != step(6, 1)  # another prompt (and noise seed)
+    assert step(0, 0) != step(6, 0)  # the generator trained in between
 
 
 def test_every_rank_rolled_out_with_the_same_exit_steps(dmd_runs):
