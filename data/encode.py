@@ -39,8 +39,18 @@ def encode_i2v(encoders, images: torch.Tensor, prompts: list[str], latent_frames
     = [mask 4 | VAE latent of the image followed by black frames 16], the mask 1 on latent frame 0.
     images [B, 3, H, W] in [-1, 1]. Returns (Conditioning, first-frame latent [B, 16, 1, h, w]);
     the VAE is causal in time, so frame 0 of `y`'s latent is the image's own latent."""
-    from data.video import pixel_frames  # noqa: PLC0415
     from model.conditioning import Conditioning  # noqa: PLC0415
+
+    clip_fea, y = encode_first_frames(encoders, images, latent_frames)
+    context, lens = encoders.t5.encode(prompts)
+    cond = Conditioning(context=context.float(), context_lens=lens.to(context.device), clip_fea=clip_fea, y=y)
+    return cond, y[:, 4:, :1]
+
+
+def encode_first_frames(encoders, images: torch.Tensor, latent_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clip_fea [B, 257, C], y [B, 20, F, h, w]) of first frames images [B, 3, H, W] in [-1, 1]
+    (encode_i2v without the prompt; y[:, 4:, :1] is the first frame's latent)."""
+    from data.video import pixel_frames  # noqa: PLC0415
 
     vae = encoders.vae
     dev = vae.model.device
@@ -50,8 +60,5 @@ def encode_i2v(encoders, images: torch.Tensor, prompts: list[str], latent_frames
     latent = vae.encode(video).float()  # [B, 16, F, h, w]
     mask = torch.zeros(b, 4, *latent.shape[2:], device=latent.device)
     mask[:, :, 0] = 1.0
-    context, lens = encoders.t5.encode(prompts)
     clip_fea = encoders.clip.encode(images).float()
-    cond = Conditioning(context=context.float(), context_lens=lens.to(context.device), clip_fea=clip_fea,
-                        y=torch.cat([mask, latent], dim=1))
-    return cond, latent[:, :, :1]
+    return clip_fea, torch.cat([mask, latent], dim=1)

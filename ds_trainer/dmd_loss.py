@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,11 @@ def _x0(model, x_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> to
 
 
 def distribution_matching_loss(x: torch.Tensor, real_score, fake_score, cond: Conditioning, uncond: Conditioning,
-                               guidance_scale: float, steps: DMDTimesteps, rng: torch.Generator) -> tuple[torch.Tensor, float]:
-    """(loss, mean |grad|) for the generator's video x [B, 16, F, h, w] (carrying gradients)."""
+                               guidance_scale: float, steps: DMDTimesteps, rng: torch.Generator,
+                               frame_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+    """(loss, mean |grad|) for the generator's video x [B, 16, F, h, w] (carrying gradients).
+    frame_mask [F] bool: the frames the loss covers (LongLive's streaming window: the new frames);
+    the scores still see the whole video."""
     with torch.no_grad():
         sigma = steps.draw(x.shape[0], rng).to(x.device)
         noise = torch.randn(x.shape, generator=rng).to(x.device, x.dtype)
@@ -51,7 +55,12 @@ def distribution_matching_loss(x: torch.Tensor, real_score, fake_score, cond: Co
         real = real_cond + (real_cond - real_uncond) * guidance_scale
         normaliser = (x.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = torch.nan_to_num((fake - real) / normaliser)
-    loss = 0.5 * F.mse_loss(x.double(), (x.detach() - grad).double())
+    if frame_mask is not None:
+        keep = frame_mask.to(x.device)
+        x, grad, target_x = x[:, :, keep], grad[:, :, keep], x.detach()[:, :, keep]
+    else:
+        target_x = x.detach()
+    loss = 0.5 * F.mse_loss(x.double(), (target_x - grad).double())
     return loss, float(grad.abs().mean())
 
 

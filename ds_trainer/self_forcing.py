@@ -78,18 +78,27 @@ def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: 
             recache_after_switch(generator, caches, cross, torch.cat(out, dim=2).detach(), cond.y, blocks[:index],
                                  causal, context_noise, keep_sink)
         y = cond.y[:, :, start:end] if cond.y is not None else None
-        step = BlockStep(start, caches, cross, y)
-        if causal.independent_first_frame and index == 0:
-            x0 = require_first(first_latent)
-        else:
-            x0 = _denoise_block(generator, caches, noise[:, :, start:end], step, steps, exits[index], scheduler,
-                                grad, rng)
+        image = require_first(first_latent) if causal.independent_first_frame and index == 0 else None
+        x0 = roll_block(generator, caches, cross, noise[:, :, start:end], y, start, steps, exits[index], scheduler,
+                        context_noise, grad, rng, clean=image)
         out.append(x0)
-        with torch.no_grad():  # the clean pass that writes this block to the KV cache
-            generator(x0.detach(), _full(b, context_noise, noise), block=step)
         if on_block is not None:
             on_block(index, x0.detach())
     return torch.cat(out, dim=2)
+
+
+def roll_block(generator, caches: list, cross: tuple, noise: torch.Tensor, y: Optional[torch.Tensor], start: int,
+               steps: list[float], exit_index: int, scheduler: FlowMatchingScheduler, context_noise: float,
+               grad: bool, rng: torch.Generator, clean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One block at frame `start`: denoise `noise` [B, 16, f, h, w] over `steps` (gradients at the
+    exit step when `grad`), or take `clean` as it is (the I2V image latent), then write it to the
+    caches with the clean pass at `context_noise`. Returns the block's x0."""
+    step = BlockStep(start, caches, cross, y)
+    x0 = clean if clean is not None else _denoise_block(generator, caches, noise, step, steps, exit_index,
+                                                        scheduler, grad, rng)
+    with torch.no_grad():  # the clean pass that writes this block to the KV cache
+        generator(x0.detach(), _full(x0.shape[0], context_noise, x0), block=step)
+    return x0
 
 
 def _denoise_block(generator, caches, x: torch.Tensor, step: BlockStep, steps: list[float], exit_index: int,
