@@ -100,6 +100,8 @@ class StreamingRollout:
         fit = [n for n in self.choices if self.stream.frames + n <= s.max_length]
         new = broadcast_object(fit[int(torch.randint(len(fit), (1,), generator=draw_rng))])
         st = self.stream
+        with torch.set_grad_enabled(grad):  # this step's graph (the last step's was freed by its backward)
+            st.cross = model.cross_attention_cache(st.cond)
         block = self.causal.num_frame_per_block
         starts = list(range(st.frames, st.frames + new, block))
         exits = draw_exit_steps(len(starts), len(self.steps), draw_rng, self.same_step, self.last_step_only)
