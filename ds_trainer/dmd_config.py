@@ -132,9 +132,13 @@ class DMDConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sequence_parallel_size != 1:
-            raise ConfigError("sequence parallelism is not built for the DMD job yet (its KV-cache rollout "
-                              "runs block by block on whole sequences); use 1", key="sequence_parallel_size")
+        heads = {name: getattr(self, name).architecture().num_heads
+                 for name in ("generator", "real_score", "fake_score")}
+        role = min(heads, key=heads.get)
+        if self.sequence_parallel_size > heads[role]:
+            raise ConfigError(f"{self.sequence_parallel_size} is more than the {role}'s {heads[role]} attention heads "
+                              f"(each sequence-parallel rank attends over at least one head)",
+                              key="sequence_parallel_size")
         for name in ("generator", "real_score", "fake_score"):
             section = getattr(self, name)
             if section.architecture().model_type != "i2v":

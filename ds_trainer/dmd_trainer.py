@@ -10,6 +10,9 @@ A step: every `dfake_gen_update_ratio` steps the generator rolls out a video thr
 with gradients at the exit step (ds_trainer/self_forcing.py) and takes the DMD gradient of the real
 (CFG) and fake scores; every step the critic learns the flow of a no-grad rollout. `clip_fea` and
 `y` (sliced per block for the generator) condition every call (data/encode.py: encode_i2v).
+With `sequence_parallel_size` K all three roles run sequence-parallel (model/sequence_parallel.py)
+and the K ranks of a group make the same draws (noise and DMD timesteps seeded by the
+data-parallel rank, exit steps broadcast from rank 0), so they roll out, score and learn one video.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from ds_trainer.trainable import apply_activation_checkpointing, apply_freeze, a
 from ds_trainer.trainer import Trainer
 from model.causal import CausalConfig
 from model.flow_matching import FlowMatchingScheduler
+from model.sequence_parallel import apply_sequence_parallel
 
 log = logging.getLogger(__name__)
 LORA_ONLY = (r"lora_",)
@@ -48,6 +52,7 @@ class DMDTrainer(Trainer):
     checkpoint_prefix = "checkpoint_model_"
     weights_file = "model.pt"
     headline_metric = "critic_loss"
+    supports_sequence_parallel = True
     cfg: DMDConfig
 
     # ------------------------------------------------------------------------------- build
@@ -62,6 +67,8 @@ class DMDTrainer(Trainer):
         teacher_ds = eval_ds_config(self.ds_config)
         teacher = build_wan(cfg.real_score.architecture(), teacher_ds, cfg.real_score_ckpt, self.device)
         teacher.requires_grad_(False)
+        if self.sp is not None:
+            apply_sequence_parallel(teacher, self.sp)
         self.real_score_module = teacher.eval()
         self.real_score = build_engine(teacher, teacher_ds) if stage3 else teacher
         self.ema: Optional[ShardedEMA] = None
@@ -77,6 +84,8 @@ class DMDTrainer(Trainer):
         if lora:
             model = apply_lora(model, self.cfg.adapter)
         apply_activation_checkpointing(model, section)
+        if self.sp is not None:  # the rollout, scores and critic loss shard each video's tokens
+            apply_sequence_parallel(model, self.sp)
         names = apply_freeze(model, LORA_ONLY if lora else EVERYTHING)
         total, train = count_parameters(model)
         log.info("%s: %.2fM parameters, %.3fM trainable (%d tensors)", role, total / 1e6, train / 1e6, len(names))
@@ -140,7 +149,7 @@ class DMDTrainer(Trainer):
 
     def train_step(self, batch, micro: int) -> Optional[dict[str, float]]:
         cfg, row, times = self.cfg, {}, {}
-        rng = step_generator(cfg.seed, self.step, micro, self.rank)
+        rng = step_generator(cfg.seed, self.step, micro, self.dp_rank)  # one draw per SP group: noise, t, x_t
         cond, uncond, first = self.conditioning(batch)
         gen, critic = self.engines["generator"], self.engines["critic"]
         if self.step % cfg.dfake_gen_update_ratio == 0:

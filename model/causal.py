@@ -7,7 +7,8 @@ end of its own block; with a local window of `local_attn_size` frames it sees on
 `local_attn_size - sink_size` frames up to its block end, plus the first `sink_size` frames
 (LongLive's sink). Training runs all frames at once under that mask (or the teacher-forcing
 `[clean | noisy]` mask); inference runs block by block with a ring-buffer KV cache
-(model/kv_cache.py) and a cross-attention cache for text and every reference / I2V path.
+(model/kv_cache.py) and a cross-attention cache for text and every reference / I2V path. Both run
+sequence-parallel too (model/sequence_parallel.py; a rank's KV cache holds its share of heads).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from model.conditioning import Conditioning
 from model.config import WanConfig
 from model.kv_cache import KVCache, make_caches
 from model.layers import rope_table
+from model.sequence_parallel import local_heads
 from model.wan import CrossContext, WanModel, require
 
 
@@ -115,9 +117,18 @@ class CausalWanModel(WanModel):
     # --------------------------------------------------------------------------- inference
     def new_kv_caches(self, batch: int, frame_tokens: int, max_frames: int, device="cpu",
                       dtype=torch.float32) -> list[KVCache]:
+        """One self-attention cache per block, [B, C, N, D]; under sequence parallelism only this
+        rank's N_rank heads (model/sequence_parallel.py: the all-to-all hands it those heads of the
+        whole block)."""
         c = self.causal
-        return make_caches(len(self.blocks), batch, frame_tokens, self.config.num_heads, self.config.head_dim,
+        return make_caches(len(self.blocks), batch, frame_tokens, self.cache_heads(), self.config.head_dim,
                            max_frames, c.local_attn_size, c.sink_size, device, dtype, c.num_frame_per_block)
+
+    def cache_heads(self) -> int:
+        """Heads a KV cache of this rank holds: all of them, or its share under SP."""
+        if self.sequence_parallel is None:
+            return self.config.num_heads
+        return local_heads(self.config.num_heads, self.sequence_parallel.sp)
 
     def cross_attention_cache(self, cond: Conditioning) -> tuple[CrossContext, list]:
         """Embed the prompt / CLIP / reference inputs once and precompute every block's K, V for
@@ -130,21 +141,26 @@ class CausalWanModel(WanModel):
                       cross_cache: tuple[CrossContext, list], y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One block of frames [start_frame, start_frame + f) through the caches.
 
-        x: [B, C, f, H, W]; t: [B, f] or [B]; y: this block's slice [B, 20, f, H, W] (i2v).
-        The block's roped K, V are written to `kv_caches` (so call it once per block with the
-        latents the cache should hold, e.g. the clean ones after denoising).
+        x: [B, C, f, H, W]; t: [B, f] or [B] (one modulation for the whole block); y: this block's
+        slice [B, 20, f, H, W] (i2v). The block's roped K, V are written to `kv_caches` (so call it
+        once per block with the latents the cache should hold, e.g. the clean ones after
+        denoising). Under sequence parallelism the block's tokens are sharded and each cache holds
+        this rank's heads (model/sequence_parallel.py); the output is full on every rank.
         """
-        if self.sequence_parallel is not None:
-            raise NotImplementedError("the KV-cache rollout (forward_block) does not run sequence-parallel; "
-                                      "apply_sequence_parallel(model, None) first")
+        if kv_caches and kv_caches[0].k.shape[2] != self.cache_heads():
+            raise ValueError(f"the KV caches hold {kv_caches[0].k.shape[2]} heads but this rank attends over "
+                             f"{self.cache_heads()} (sequence parallelism keeps a rank's share): make them with "
+                             f"new_kv_caches after apply_sequence_parallel")
         if self.config.model_type == "i2v":
             y = require(y, "y", "an i2v model (this block's slice of mask + first-frame latent)")
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         tokens, grid = self.patchify(x)
-        t = t[:, None].expand(-1, grid[0]) if t.dim() == 1 else t
-        e, e0 = self.embed_time(t)
+        e, e0 = self.embed_time(t)  # [B, 1 or f, ...]
         rope = rope_table(self.config.head_dim, grid, start_frame=start_frame, device=tokens.device)
         ctx, cross_kv = cross_cache
+        if self.sequence_parallel is not None:
+            out = self.sequence_parallel.run(self, tokens, e, e0, rope, ctx, kv_caches=kv_caches, cross_kv=cross_kv)
+            return self.unpatchify(out, grid)
         for block, cache, kv in zip(self.blocks, kv_caches, cross_kv):
             tokens = block(tokens, e0, rope, ctx, cross_kv=kv, kv_cache=cache)
         return self.unpatchify(self.head(tokens, e), grid)

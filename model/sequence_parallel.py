@@ -35,10 +35,18 @@ What that means part by part:
   the same loss, and its parameter gradients hold its own tokens' share: their SUM over the SP
   group is the SP = 1 gradient, which is what DeepSpeed's reduction does (sum over SP, mean
   over data parallel).
+- The KV-cache rollout (`CausalWanModel.forward_block`, Self-Forcing's block-by-block denoising):
+  the block's tokens are sharded as above (t [B]: token shards; t [B, f]: whole frames), and the
+  all-to-all runs once per block and layer, so each rank's local attention holds the whole block
+  for its share of heads and attends from there to its KV cache. A rank's cache therefore holds
+  every cached token but only its own heads, [B, C, N_rank, D] (`local_heads`: the same ceil /
+  floor split as the uneven all-to-all), which `CausalWanModel.new_kv_caches` allocates: cache
+  memory is 1 / size per rank and no cached key or value ever crosses ranks. Lookahead mode, the
+  ring, the sink and re-caching are the cache's own logic, unchanged, per rank. Cross-attention
+  caches stay full-context on every rank (the queries are the shard's tokens).
 
 SP = 1 is no SequenceParallel at all: `WanModel.sequence_parallel` stays None and the model runs
-its usual code. DeepSpeed is imported only when an SP group is made. Not built here: the KV-cache
-rollout (`CausalWanModel.forward_block`) under SP, which raises.
+its usual code. DeepSpeed is imported only when an SP group is made.
 """
 from __future__ import annotations
 
@@ -152,13 +160,27 @@ class _GatherSequence(torch.autograd.Function):
         return grad.narrow(1, ctx.rank * ctx.shard_len, ctx.shard_len), None, None, None
 
 
-def _local_attention(q, k, v, backend, layout, length: int) -> torch.Tensor:
+def local_heads(num_heads: int, sp: SequenceParallelGroup) -> int:
+    """Heads this rank attends over after the all-to-all: num_heads / size, or with uneven heads
+    DistributedAttention's split (the first num_heads % size ranks take one more)."""
+    return num_heads // sp.size + int(sp.rank < num_heads % sp.size)
+
+
+def _local_attention(q, k, v, backend, layout, length: int, kv_cache=None) -> torch.Tensor:
     """The backend's attention on the full sequence of this rank's heads, [B, size*S, n, D]: the
-    first `length` tokens are real, the rest end padding (zeros out)."""
+    first `length` tokens are real, the rest end padding (zeros out). With `kv_cache` (this
+    rank's heads of one layer's model.kv_cache.KVCache) the real tokens' k, v are appended to it
+    (or peeked at, in lookahead mode) and q attends to what it holds."""
     pad = q.shape[1] - length
     if pad:
         q, k, v = q[:, :length], k[:, :length], v[:, :length]
-    out = backend.attention(q, k, v) if layout is None else backend.block_causal_attention(q, k, v, layout)
+    if kv_cache is not None:
+        view = kv_cache.attend(k, v)
+        out = backend.kv_cache_attention(q, view.k, view.v, view.sink_len, view.window_start, view.window_len)
+    elif layout is None:
+        out = backend.attention(q, k, v)
+    else:
+        out = backend.block_causal_attention(q, k, v, layout)
     return F.pad(out, (0, 0, 0, 0, 0, pad)) if pad else out
 
 
@@ -170,10 +192,12 @@ class ShardedSelfAttention:
     plan: ShardPlan
     dist_attn: object
     layout: object = None
+    kv_cache: object = None
+    """One layer's KVCache of this rank's heads (the KV-cache rollout), or None."""
 
     def attend(self, backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: this shard's [B, S, N, D] (roped) -> attention output [B, S, N, D]."""
-        return self.dist_attn(q, k, v, 0, None, backend, self.layout, self.plan.length)
+        return self.dist_attn(q, k, v, 0, None, backend, self.layout, self.plan.length, self.kv_cache)
 
 
 class SequenceParallel:
@@ -187,13 +211,20 @@ class SequenceParallel:
         self.dist_attn = DistributedAttention(_local_attention, sp.group, scatter_idx=2, gather_idx=1)
 
     def run(self, model, tokens: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, rope, ctx,
-            layout=None) -> torch.Tensor:
+            layout=None, kv_caches=None, cross_kv=None) -> torch.Tensor:
         """tokens [B, L, dim] (full), e [B, Fe, dim], e0 [B, Fe, 6, dim], rope (cos, sin) [L, D/2]
-        -> the head's output [B, L, prod(patch) * out_dim], full, on every rank of the group."""
+        -> the head's output [B, L, prod(patch) * out_dim], full, on every rank of the group.
+        With `kv_caches` (one per layer, this rank's heads) and `cross_kv` (every layer's
+        cross-attention keys / values) one block of the KV-cache rollout instead."""
         plan = ShardPlan.make(tokens.shape[1], e0.shape[1], self.sp)
         cos, sin = (plan.shard(t, dim=0) for t in rope)
-        attn = ShardedSelfAttention(plan, self.dist_attn, layout)
-        x = model.run_blocks(plan.shard(tokens), plan.shard_frames(e0), (cos, sin), ctx, layout=attn)
+        x, e0 = plan.shard(tokens), plan.shard_frames(e0)
+        if kv_caches is None:
+            x = model.run_blocks(x, e0, (cos, sin), ctx, layout=ShardedSelfAttention(plan, self.dist_attn, layout))
+        else:
+            for block, cache, kv in zip(model.blocks, kv_caches, cross_kv):
+                attn = ShardedSelfAttention(plan, self.dist_attn, kv_cache=cache)
+                x = block(x, e0, (cos, sin), ctx, cross_kv=kv, layout=attn)
         out = model.head(x, plan.shard_frames(e))  # [B, S, C]
         full = _GatherSequence.apply(out, self.sp.group, self.sp.size, self.sp.rank)
         return full[:, :plan.length]

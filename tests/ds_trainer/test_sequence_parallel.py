@@ -40,8 +40,9 @@ def test_sequence_parallel_size_is_checked_at_load(demo_config):
         load_train_config(demo_config, {"sequence_parallel_size": 4})  # the tiny model has 2 heads
     dmd = prepare_dmd(Path(demo_config).parent)
     assert load_train_config(dmd).sequence_parallel_size == 1
-    with pytest.raises(ConfigError, match="sequence_parallel_size.*not built for the DMD job"):
-        load_train_config(dmd, {"sequence_parallel_size": 2})
+    assert load_train_config(dmd, {"sequence_parallel_size": 2}).sequence_parallel_size == 2
+    with pytest.raises(ConfigError, match="sequence_parallel_size.*more than the generator's 2 attention heads"):
+        load_train_config(dmd, {"sequence_parallel_size": 4})
 
 
 def test_zero3_with_sp_takes_deepspeeds_summing_reduction():

@@ -1,4 +1,5 @@
-"""Sequence parallelism (model/sequence_parallel.py): SP = 2 equals SP = 1, forward and backward.
+"""Sequence parallelism (model/sequence_parallel.py): SP = 2 equals SP = 1, forward and backward,
+for full-sequence forwards and for Self-Forcing's KV-cache rollout.
 
 One real 2-rank run (torchrun, gloo, DeepSpeed's DistributedAttention) for the whole module:
 tests/model/sp_parity_worker.py runs every case on both ranks; the tests read its JSON.
@@ -14,10 +15,11 @@ import torch
 
 from ds_trainer.distributed import free_port
 from model.sequence_parallel import SequenceParallelGroup, ShardPlan
-from tests.model.sp_parity_worker import CASES
+from tests.model.sp_parity_worker import CASES, ROLLOUT_CASES
 
 REPO = Path(__file__).resolve().parents[2]
-FLOAT64_CASES = [name for name, case in CASES.items() if case.get("dtype", torch.float64) == torch.float64]
+FLOAT64_CASES = [name for name, case in CASES.items() if case.get("dtype", torch.float64) == torch.float64] \
+    + list(ROLLOUT_CASES) + ["recache"]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,18 @@ def test_the_cases_cover_odd_shards_padding_and_uneven_heads(parity):
     assert r["t2v_odd_shard"]["uneven_head_all2all_calls"] == 0
 
 
-def test_kv_cache_rollout_under_sp_is_a_clear_error(parity):
-    assert all("forward_block" in r["forward_block_error"] for r in parity)
+def test_kv_caches_hold_only_this_ranks_heads(parity):
+    assert [r["rollout_sink_window"]["cache_heads"] for r in parity] == [1, 1]  # 2 heads over 2 ranks
+    assert [r["rollout_uneven_heads_padded"]["cache_heads"] for r in parity] == [2, 1]  # 3 heads: ceil, floor
+    assert all(r["rollout_uneven_heads_padded"]["uneven_head_all2all_calls"] > 0 for r in parity)
+    assert all("hold 2 heads but this rank attends over 1" in r["full_head_caches_error"] for r in parity)
+
+
+def test_recache_writes_this_ranks_heads_of_the_sp1_cache(parity):
+    for rank in parity:
+        r = rank["recache"]
+        assert r["cache_totals"] == r["ref_cache_totals"], r  # same tokens written (ring, sink kept)
+        assert r["cache_max_abs_diff"] < 1e-10 * max(1.0, r["cache_max_abs"]), r
 
 
 def test_shard_plan_pads_only_the_end():
