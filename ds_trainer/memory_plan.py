@@ -42,7 +42,8 @@ Behind `wanspeed plan-memory` and `wanspeed train --zero auto`. Three parts:
    peak = weights + gradients + optimizer + max(activations + buffers, optimizer step)
 
    With sequence parallelism (`sp` K) a rank holds L / K tokens of the bidirectional passes
-   (traced with ceil(F / K) latent frames); the KV-cache rollout does not run sequence-parallel.
+   (traced with ceil(F / K) latent frames). The KV-cache rollout runs sequence-parallel too (its
+   block tokens and its cache's heads split K ways) but is sized here at SP = 1: an overestimate.
    A config fits when its peak is at most HEADROOM of the GPU (the rest: CUDA context, NCCL,
    allocator fragmentation). The recommendation is the first that fits in PREFERENCE: least
    communication and recompute first.
