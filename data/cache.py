@@ -13,8 +13,10 @@ Layout: `<dir>/shard-r<rank>-<n>.safetensors` (written under a temporary name, t
 Each rank encodes indices rank, rank + W, ...; a restarted job skips hashes already in any
 manifest (resume), so a crash loses at most one unflushed shard.
 
-Every manifest row carries the cache `format` (CACHE_FORMAT); a cache of another format is an
-error naming its manifest, never read with the wrong layout. Format 2: ref_vae without the
+Every manifest row carries the cache `kind` (OPENS2V_KIND here; the DMD job's I2V cache,
+data/i2v_cache.py, writes its own with the same writer and reader) and `format` (CACHE_FORMAT); a
+cache of another kind or format is an error naming its manifest, never read with the wrong layout.
+Rows without a kind are OpenS2V rows (written before the marker). Format 2: ref_vae without the
 one-frame time axis (format 1, unversioned, stored [R, 16, 1, hr, wr]).
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -37,11 +39,13 @@ from data.opens2v import collate_opens2v_batch
 
 log = logging.getLogger(__name__)
 MANIFEST_GLOB = "manifest-r*.jsonl"
+OPENS2V_KIND = "opens2v"
 CACHE_FORMAT = 2
 
 
 class CacheFormatError(ValueError):
-    """A cache written in another format (by another version of wanspeed)."""
+    """A cache of another kind (another job's), another format (another version of wanspeed), or
+    made for another run (geometry, encoders)."""
 
 
 @dataclass
@@ -51,10 +55,11 @@ class CacheStats:
     skipped_bad: int = 0
 
 
-def read_manifests(cache_dir: Path) -> list[dict[str, Any]]:
+def read_manifests(cache_dir: Path, kind: str = OPENS2V_KIND, version: int = CACHE_FORMAT,
+                   check: Optional[Callable[[dict[str, Any]], Optional[str]]] = None) -> list[dict[str, Any]]:
     """Every cached sample's manifest row, in a stable order (rank files, then line order).
-    A torn last line (a crash while appending) is ignored; a row of another cache format is a
-    CacheFormatError naming the file."""
+    A torn last line (a crash while appending) is ignored; a row of another cache kind or format,
+    or one for which `check(row)` returns a reason, is a CacheFormatError naming the file and line."""
     rows = []
     for path in sorted(Path(cache_dir).glob(MANIFEST_GLOB)):
         for n, line in enumerate(path.read_text().splitlines(), start=1):
@@ -63,12 +68,27 @@ def read_manifests(cache_dir: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 log.warning("%s:%d: ignoring a torn manifest line", path, n)
                 continue
-            if row.get("format", 1) != CACHE_FORMAT:
+            found = row.get("kind", OPENS2V_KIND)
+            if found != kind:
                 raise CacheFormatError(
-                    f"{path}:{n}: cache format {row.get('format', 1)}, this version reads format {CACHE_FORMAT} "
+                    f"{path}:{n}: a {found!r} encoder cache, not the {kind!r} cache this reader needs (each job "
+                    f"fills its own cache_dir with `wanspeed cache --config <its config>`)")
+            if row.get("format", 1) != version:
+                raise CacheFormatError(
+                    f"{path}:{n}: cache format {row.get('format', 1)}, this version reads format {version} "
                     f"(see data/cache.py); rebuild the cache with `wanspeed cache` into an empty directory")
+            problem = check(row) if check else None
+            if problem:
+                raise CacheFormatError(f"{path}:{n}: {problem}")
             rows.append(row)
     return rows
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """A safetensors file written under a temporary name, then renamed: never seen half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 def _drop_torn_tail(manifest: Path) -> None:
@@ -95,10 +115,12 @@ def encode_sample(encoders, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 class CacheWriter:
-    """Buffers encoded samples and flushes them as one shard + manifest rows."""
+    """Buffers encoded samples and flushes them as one shard + manifest rows (marked `kind`, `version`)."""
 
-    def __init__(self, cache_dir: Path, rank: int, shard_size: int = 32):
+    def __init__(self, cache_dir: Path, rank: int, shard_size: int = 32, kind: str = OPENS2V_KIND,
+                 version: int = CACHE_FORMAT):
         self.dir, self.rank, self.shard_size = Path(cache_dir), rank, shard_size
+        self.kind, self.version = kind, version
         self.dir.mkdir(parents=True, exist_ok=True)
         self.buffer: list[tuple[dict, dict[str, torch.Tensor]]] = []
         self.manifest = self.dir / f"manifest-r{rank}.jsonl"
@@ -115,13 +137,11 @@ class CacheWriter:
         if not self.buffer:
             return
         name = f"shard-r{self.rank}-{self.next_shard:05d}.safetensors"
-        flat = {f"{row['hash']}/{k}": v.contiguous() for row, t in self.buffer for k, v in t.items()}
-        tmp = self.dir / (name + ".tmp")
-        save_file(flat, str(tmp))
-        os.replace(tmp, self.dir / name)
+        save_atomic({f"{row['hash']}/{k}": v for row, t in self.buffer for k, v in t.items()}, self.dir / name)
         with self.manifest.open("a") as fh:
             for row, tensors in self.buffer:
-                fh.write(json.dumps({**row, "format": CACHE_FORMAT, "shard": name, "tensors": sorted(tensors)}) + "\n")
+                fh.write(json.dumps({**row, "kind": self.kind, "format": self.version, "shard": name,
+                                     "tensors": sorted(tensors)}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.next_shard += 1
@@ -166,35 +186,31 @@ def collate_cached_batch(samples: list[dict[str, Any]]) -> OpenS2VBatch:
     counts = torch.tensor([s["ref_vae"].shape[0] for s in samples])
     encoded = EncodedInputs(
         latents=torch.stack([s["latents"] for s in samples]),
-        context=_pad_stack([s["context"] for s in samples]),
+        context=pad_stack([s["context"] for s in samples]),
         context_lens=torch.tensor([s["context"].shape[0] for s in samples]),
-        ref_vae=_pad_stack([s["ref_vae"] for s in samples]),
-        ref_clip=_pad_stack([s["ref_clip"] for s in samples]) if "ref_clip" in samples[0] else None)
+        ref_vae=pad_stack([s["ref_vae"] for s in samples]),
+        ref_clip=pad_stack([s["ref_clip"] for s in samples]) if "ref_clip" in samples[0] else None)
     return OpenS2VBatch(prompts=[s["prompt"] for s in samples], keys=[s["key"] for s in samples],
                         indices=torch.tensor([s["index"] for s in samples]), ref_counts=counts, encoded=encoded)
 
 
-def _pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack along a new batch axis, zero-padding the first axis to the longest."""
-    out = tensors[0].new_zeros((len(tensors), max(t.shape[0] for t in tensors), *tensors[0].shape[1:]))
+def pad_stack(tensors: Sequence[torch.Tensor], length: Optional[int] = None) -> torch.Tensor:
+    """Stack along a new batch axis, zero-padding the first axis to `length` (default: the longest)."""
+    length = max(t.shape[0] for t in tensors) if length is None else length
+    out = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]))
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]] = t
     return out
 
 
-class CachedOpenS2VDataset(Dataset):
-    """Training samples read back from the cache: no encoder is loaded.
+class CachedShards(Dataset):
+    """The rows of one kind of cache and their tensors, read lazily from the shards (the base of
+    each job's cached dataset). `check(row)`: a reason to refuse a row, e.g. another geometry."""
 
-    Sample: latents [16, F, h, w], ref_vae [R, 16, hr, wr], ref_clip [R, K, C] (if cached),
-    context [L, C], prompt, key, index.
-    """
-
-    collate_fn = staticmethod(collate_cached_batch)
-    """How create_opens2v_dataloader batches these samples."""
-
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, kind: str = OPENS2V_KIND, version: int = CACHE_FORMAT,
+                 check: Optional[Callable[[dict[str, Any]], Optional[str]]] = None):
         self.dir = Path(cache_dir)
-        self.rows = read_manifests(self.dir)
+        self.rows = read_manifests(self.dir, kind, version, check)
         if not self.rows:
             raise ValueError(f"{self.dir}: no cached samples (run `wanspeed cache --config ...` first)")
         self._handles: dict[str, Any] = {}
@@ -207,11 +223,29 @@ class CachedOpenS2VDataset(Dataset):
             self._handles[name] = safe_open(str(self.dir / name), framework="pt", device="cpu")
         return self._handles[name]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The cached tensors of row `index`, by name."""
         row = self.rows[index]
         shard = self._shard(row["shard"])
-        sample = {name: shard.get_tensor(f"{row['hash']}/{name}") for name in row["tensors"]}
-        return {**sample, "prompt": row["prompt"], "key": row["key"], "index": index}
+        return {name: shard.get_tensor(f"{row['hash']}/{name}") for name in row["tensors"]}
 
     def __getstate__(self):  # open safetensors handles do not pickle into dataloader workers
         return {**self.__dict__, "_handles": {}}
+
+
+class CachedOpenS2VDataset(CachedShards):
+    """Training samples read back from the cache: no encoder is loaded.
+
+    Sample: latents [16, F, h, w], ref_vae [R, 16, hr, wr], ref_clip [R, K, C] (if cached),
+    context [L, C], prompt, key, index.
+    """
+
+    collate_fn = staticmethod(collate_cached_batch)
+    """How create_opens2v_dataloader batches these samples."""
+
+    def __init__(self, cache_dir: str | Path):
+        super().__init__(cache_dir, OPENS2V_KIND, CACHE_FORMAT)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        return {**self.tensors(index), "prompt": row["prompt"], "key": row["key"], "index": index}

@@ -57,7 +57,12 @@ class DMDConfig(RunConfig):
     data: I2VDataSection = field(default_factory=lambda: I2VDataSection(images="prompts.jsonl"))
     """Prompts and first frames."""
     encoders: Optional[EncoderPaths] = None
-    """Frozen T5 / CLIP / VAE (CLIP is required: clip_fea conditions every I2V call)."""
+    """Frozen T5 / CLIP / VAE (CLIP is required: clip_fea conditions every I2V call); not loaded for
+    training when `cache_dir` is set (validation still loads them)."""
+    cache_dir: Optional[str] = None
+    """Train from `wanspeed cache --config <this config>` outputs (data/i2v_cache.py: T5 tokens, CLIP
+    tokens and the [image, black frames] VAE latent of every sample, the negative prompt's T5 tokens)
+    instead of running the encoders; None = encode every batch."""
     generator: ModelSection = field(default_factory=lambda: ModelSection(preset="i2v-14B"))
     """The student's architecture (an i2v model; built as CausalWanModel)."""
     real_score: ModelSection = field(default_factory=lambda: ModelSection(preset="i2v-14B"))
@@ -179,9 +184,9 @@ class DMDConfig(RunConfig):
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
         if not 0 <= self.weight_decay < float("inf"):
             raise ConfigError(f"must be a finite number >= 0, got {self.weight_decay}", key="weight_decay")
-        if self.encoders is None:
-            raise ConfigError("T5 / CLIP / VAE paths are required", key="encoders")
-        if self.encoders.clip is None:
+        if self.encoders is None and self.cache_dir is None:
+            raise ConfigError("T5 / CLIP / VAE paths are required (or train from a filled cache_dir)", key="encoders")
+        if self.encoders is not None and self.encoders.clip is None:
             raise ConfigError("is required: clip_fea (CLIP tokens of the first frame) conditions every I2V call",
                               key="encoders.clip")
         if self.validation is not None and self.encoders is None:

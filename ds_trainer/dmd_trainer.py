@@ -9,7 +9,8 @@ Three roles in one process group, each built partitioned under ZeRO-3 (or whole 
 A step: every `dfake_gen_update_ratio` steps the generator rolls out a video through its KV cache
 with gradients at the exit step (ds_trainer/self_forcing.py) and takes the DMD gradient of the real
 (CFG) and fake scores; every step the critic learns the flow of a no-grad rollout. `clip_fea` and
-`y` (sliced per block for the generator) condition every call (data/encode.py: encode_i2v).
+`y` (sliced per block for the generator) condition every call (data/encode.py: encode_i2v; with
+`cache_dir`, read from `wanspeed cache` outputs, data/i2v_cache.py, and no encoder is loaded).
 With `sequence_parallel_size` K all three roles run sequence-parallel (model/sequence_parallel.py)
 and the K ranks of a group make the same draws (noise and DMD timesteps seeded by the
 data-parallel rank, exit steps broadcast from rank 0), so they roll out, score and learn one video.
@@ -101,12 +102,19 @@ class DMDTrainer(Trainer):
         }
 
     def build_data(self):
-        from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
         cfg = self.cfg
-        self.encoders = load_frozen_encoders(cfg.encoders, self.device)
-        context, lens = self.encoders.t5.encode([cfg.negative_prompt])  # the real score's CFG, once
+        if cfg.cache_dir:  # `wanspeed cache` outputs, the negative prompt's too: no encoder is loaded
+            from data.i2v_cache import CachedI2VDataset  # noqa: PLC0415
+            self.encoders = None
+            dataset = CachedI2VDataset(cfg.cache_dir, cfg.num_training_frames, cfg.height, cfg.width)
+            context, lens = dataset.negative(cfg.negative_prompt)
+        else:
+            from model.encoders.bundle import load_frozen_encoders  # noqa: PLC0415
+            self.encoders = load_frozen_encoders(cfg.encoders, self.device)
+            context, lens = self.encoders.t5.encode([cfg.negative_prompt])  # the real score's CFG, once
+            dataset = self.dataset_of(cfg)
         self.negative = (context.float().to(self.device), lens.to(self.device))
-        return self.dataset_of(cfg)
+        return dataset
 
     @staticmethod
     def dataset_of(cfg: DMDConfig):
@@ -118,8 +126,8 @@ class DMDTrainer(Trainer):
 
     def make_loader(self):
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
-                                           num_workers=self.cfg.num_workers, collate_fn=collate_i2v_batch,
-                                           drop_last=True)
+                                           num_workers=self.cfg.num_workers, drop_last=True,
+                                           collate_fn=getattr(self.dataset, "collate_fn", collate_i2v_batch))
 
     def roles_stepped(self) -> list[str]:
         return (["generator"] if (self.step - 1) % self.cfg.dfake_gen_update_ratio == 0 else []) + ["critic"]
@@ -250,5 +258,10 @@ class DMDTrainer(Trainer):
 
 
 def _encode(encoders, batch, frames: int):
+    if "conditioning" in batch:  # read back from the I2V encoder cache (data/i2v_cache.py)
+        if batch["conditioning"].y.shape[2] != frames:
+            raise ValueError(f"the encoder cache holds {batch['conditioning'].y.shape[2]} latent frames per sample, "
+                             f"this rollout needs {frames}: train with the encoders")
+        return batch["conditioning"], batch["first_latent"]
     from data.encode import encode_i2v  # noqa: PLC0415
     return encode_i2v(encoders, batch["image"], batch["prompts"], frames)

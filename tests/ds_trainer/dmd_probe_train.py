@@ -3,7 +3,7 @@
   the batch axis, y with the frames of x: a block's slice for the generator);
 - each rank records the exit steps it rolled out with (`exits_rank<r>.jsonl`);
 - at the end, the teacher's weights are gathered and written (`teacher_after.safetensors`) and
-  the calls counted (`probe_calls.json`)."""
+  the calls counted (`probe_calls.json`, with `encoder_loads`: calls of load_frozen_encoders)."""
 import json
 import sys
 from collections import Counter
@@ -12,12 +12,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import model.encoders.bundle as encoder_bundle
 from ds_trainer.checkpointing import export_full
 from ds_trainer.dmd_trainer import DMDTrainer
 from ds_trainer.train import main
 
 CALLS: Counter = Counter()
 _build_engines, _rollout, _finish = DMDTrainer.build_engines, DMDTrainer.rollout, DMDTrainer.finish
+_load_frozen_encoders = encoder_bundle.load_frozen_encoders
+
+
+def load_frozen_encoders(*args, **kwargs):
+    CALLS["encoder_loads"] += 1
+    return _load_frozen_encoders(*args, **kwargs)
 
 
 def _check_generator(module, args, kwargs):
@@ -60,6 +67,7 @@ def finish(self):
 
 
 DMDTrainer.build_engines, DMDTrainer.rollout, DMDTrainer.finish = build_engines, rollout, finish
+encoder_bundle.load_frozen_encoders = load_frozen_encoders  # the trainer imports it when it builds
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -1,6 +1,10 @@
 """The DMD job end to end: real `deepspeed` runs of the tiny I2V distillation on 2 CPU ranks,
 ZeRO-3, three roles. One uninterrupted run and one stopped-and-resumed run are shared by every
-assertion here."""
+assertion here (the resumed run's first leg trains from the I2V encoder cache)."""
+import argparse
+import contextlib
+import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ds_trainer import checkpointing
+from ds_trainer.commands import cache as cache_cmd
 from ds_trainer.config import load_train_config
 from ds_trainer.demo import prepare_dmd
 from ds_trainer.dmd_trainer import DMDTrainer
@@ -22,7 +27,32 @@ PROBE = "tests.ds_trainer.dmd_probe_train"
 
 
 @pytest.fixture(scope="module")
-def dmd_runs(demo_config, tmp_path_factory):
+def dmd_cache(demo_config):
+    """The tiny DMD config's I2V encoder cache, filled by `wanspeed cache` as 2 ranks (one after the
+    other, in this process), then rank 0 again (resume: nothing left). Returns (config, the config
+    with cache_dir, cache_dir, each call's printed stats). One CPU thread, as the training runs
+    encode (the VAE's CPU convolutions differ in the last bits between thread counts)."""
+    config = prepare_dmd(Path(demo_config).parent)
+    cache = config.parent / "i2v_cache"
+    cached = config.with_name("tiny_i2v_dmd_cached.yaml")
+    cached.write_text(config.read_text() + f'cache_dir: "{cache}"\n')
+    stats, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rank in (0, 1, 0):
+            out = io.StringIO()
+            with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+                mp.setenv("RANK", str(rank))
+                mp.setenv("WORLD_SIZE", "2")
+                assert cache_cmd.run(argparse.Namespace(config=str(cached), shard_size=1, local_rank=None)) == 0
+            stats.append(json.loads(out.getvalue().splitlines()[-1]))
+    finally:
+        torch.set_num_threads(threads)
+    return config, cached, cache, stats
+
+
+@pytest.fixture(scope="module")
+def dmd_runs(demo_config, dmd_cache, tmp_path_factory):
     from PIL import Image
     config = prepare_dmd(Path(demo_config).parent)
     root = tmp_path_factory.mktemp("dmd")
@@ -31,8 +61,9 @@ def dmd_runs(demo_config, tmp_path_factory):
     # validation: 3 prompts on 2 ranks (rank 1 rolls out a stand-in), before step 1 and at steps 3 and 6
     validation = f"validation={{every: 3, prompts: [a red box, a blue ball, a red box moving], images: ['{image}']}}"
     full = launch(config, root / "full", sets=("max_iters=6", validation), module=PROBE)
-    first = launch(config, root / "resumed", sets=("max_iters=3",), module=PROBE)
-    second = launch(config, root / "resumed", sets=("max_iters=6",), module=PROBE)
+    first = launch(config, root / "resumed", sets=("max_iters=3", f"cache_dir={dmd_cache[2]}"), module=PROBE)
+    shutil.copy(root / "resumed" / "probe_calls.json", root / "cached_leg_probe_calls.json")
+    second = launch(config, root / "resumed", sets=("max_iters=6",), module=PROBE)  # on the encoders again
     return config, root, full, first, second
 
 
@@ -100,6 +131,56 @@ def test_a_stopped_run_resumes_with_the_losses_of_the_uninterrupted_one(dmd_runs
            for d in ("full", "resumed")]
     for key in ema[0]:  # the EMA shards were saved per rank and restored
         torch.testing.assert_close(ema[1][key], ema[0][key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_run_from_the_encoder_cache_loads_no_encoder_and_has_the_encoder_runs_losses(dmd_runs, dmd_cache):
+    _, root, _, first, _ = dmd_runs
+    assert finished(first)["step"] == 3
+    assert json.loads((root / "cached_leg_probe_calls.json").read_text()).get("encoder_loads", 0) == 0
+    assert json.loads((root / "full" / "probe_calls.json").read_text())["encoder_loads"] == 1  # training + validation
+    assert [(s["rank"], s["encoded"], s["already_cached"]) for s in dmd_cache[3]] == [(0, 2, 0), (1, 2, 0), (0, 0, 2)]
+    ours, theirs = read_metrics(root / "resumed")[:3], read_metrics(root / "full")[:3]
+    for key in ("critic_loss", "generator_loss"):
+        a, b = [r.get(key, 0.0) for r in ours], [r.get(key, 0.0) for r in theirs]
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-7)
+
+
+def _data_side(cfg) -> DMDTrainer:
+    """A DMDTrainer with only its data built (build_data, make_loader, conditioning): no process
+    group, no engines."""
+    trainer = DMDTrainer.__new__(DMDTrainer)
+    trainer.cfg, trainer.device = cfg, torch.device("cpu")
+    trainer.dataset = trainer.build_data()
+    trainer.sampler = range(len(trainer.dataset))
+    return trainer
+
+
+def test_from_the_cache_the_trainer_builds_the_encoder_paths_conditioning_without_an_encoder(dmd_cache, monkeypatch):
+    import model.encoders.bundle
+    from data.i2v_cache import NegativePromptMismatch
+    config, cached_config, _, _ = dmd_cache
+    encoded = _data_side(load_train_config(config))
+    monkeypatch.setattr(model.encoders.bundle, "load_frozen_encoders",
+                        lambda *a, **k: pytest.fail("a run from the cache loaded the encoders"))
+    cached = _data_side(load_train_config(cached_config))
+    assert cached.encoders is None and len(cached.dataset) == len(encoded.dataset) == 4
+    pairs = list(zip(encoded.make_loader(), cached.make_loader()))
+    assert len(pairs) == 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the cache was filled
+    try:
+        conditionings = [(encoded.conditioning(a), cached.conditioning(b)) for a, b in pairs]
+    finally:
+        torch.set_num_threads(threads)
+    for (a, b), ((cond_a, uncond_a, first_a), (cond_b, uncond_b, first_b)) in zip(pairs, conditionings):
+        assert a["prompts"] == b["prompts"]
+        assert torch.equal(first_a, first_b)
+        for want, got in ((cond_a, cond_b), (uncond_a, uncond_b)):
+            for f in dataclasses.fields(want):
+                x, y = getattr(want, f.name), getattr(got, f.name)
+                assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), f.name
+    with pytest.raises(NegativePromptMismatch, match=r"'blurry, static', this run's negative_prompt is 'dull'"):
+        _data_side(load_train_config(cached_config, {"negative_prompt": "dull"}))
 
 
 def test_the_checkpoint_loads_into_wan_and_causal_wan(dmd_runs):
