@@ -58,7 +58,13 @@ def encode_first_frames(encoders, images: torch.Tensor, latent_frames: int) -> t
     images = images.to(dev, vae.dtype)
     video = torch.cat([images[:, :, None], images.new_zeros(b, 3, pixel_frames(latent_frames) - 1, h, w)], dim=2)
     latent = vae.encode(video).float()  # [B, 16, F, h, w]
-    mask = torch.zeros(b, 4, *latent.shape[2:], device=latent.device)
-    mask[:, :, 0] = 1.0
     clip_fea = encoders.clip.encode(images).float()
-    return clip_fea, torch.cat([mask, latent], dim=1)
+    return clip_fea, i2v_y(latent)
+
+
+def i2v_y(latent: torch.Tensor) -> torch.Tensor:
+    """Wan I2V's y [B, 20, F, h, w] = [mask 4 | latent 16] of the first-frame video's VAE latent
+    [B, 16, F, h, w]; the mask is 1 on latent frame 0 (the given image)."""
+    mask = torch.zeros(latent.shape[0], 4, *latent.shape[2:], device=latent.device, dtype=latent.dtype)
+    mask[:, :, 0] = 1.0
+    return torch.cat([mask, latent], dim=1)

@@ -121,12 +121,12 @@ def collate_cached_i2v_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     T5 length, y = [mask | latent]."""
     from model.conditioning import Conditioning  # noqa: PLC0415
 
+    from data.encode import i2v_y  # noqa: PLC0415
+
     latent = torch.stack([s["latent"] for s in samples])  # [B, 16, F, h, w]
-    mask = torch.zeros(latent.shape[0], MASK_CHANNELS, *latent.shape[2:])
-    mask[:, :, 0] = 1.0  # latent frame 0 is given: the image
     cond = Conditioning(context=pad_stack([s["context"] for s in samples], samples[0]["text_len"]),
                         context_lens=torch.tensor([s["context"].shape[0] for s in samples], dtype=torch.int64),
-                        clip_fea=torch.stack([s["clip_fea"] for s in samples]), y=torch.cat([mask, latent], dim=1))
+                        clip_fea=torch.stack([s["clip_fea"] for s in samples]), y=i2v_y(latent))
     return {"conditioning": cond, "first_latent": latent[:, :, :1], "prompts": [s["prompt"] for s in samples],
             "indices": torch.tensor([s["index"] for s in samples])}
 

@@ -134,6 +134,15 @@ class DMDConfig(RunConfig):
     validation: Optional[I2VValidationSection] = None
     """Streaming I2V videos of fixed prompts and first frames every `validation.every` steps
     (ds_trainer/dmd_validation.py); None = none."""
+    streaming_training: bool = False
+    """LongLive's streaming long tuning (ds_trainer/streaming_rollout.py): each step adds frames to a
+    long video through the KV cache and trains on the last `streaming_chunk_size` frames."""
+    streaming_chunk_size: Optional[int] = None
+    """Frames of the loss window and of a stream's first chunk; None = num_training_frames (LongLive: 21)."""
+    streaming_max_length: int = 240
+    """Frames after which a stream ends and the next step starts a new one (LongLive: 240)."""
+    streaming_min_new_frame: int = 18
+    """Fewest new frames per step; the count is a multiple of num_frame_per_block up to the chunk (LongLive: 18)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -189,6 +198,9 @@ class DMDConfig(RunConfig):
         if self.encoders is not None and self.encoders.clip is None:
             raise ConfigError("is required: clip_fea (CLIP tokens of the first frame) conditions every I2V call",
                               key="encoders.clip")
+
+        if self.streaming_training:
+            self._check_streaming()
         if self.validation is not None and self.encoders is None:
             raise ConfigError("validation samples videos: set `encoders` (T5/CLIP/VAE paths)", key="validation")
         if self.validation is not None and self.validation.num_frames is not None:
@@ -196,6 +208,28 @@ class DMDConfig(RunConfig):
                 self.causal.check_frames(self.validation.num_frames)
             except ConfigError as exc:
                 raise ConfigError(exc.message, key="validation.num_frames") from exc
+
+    @property
+    def streaming_chunk(self) -> int:
+        return self.streaming_chunk_size or self.num_training_frames
+
+    def _check_streaming(self) -> None:
+        chunk = self.streaming_chunk
+        try:
+            self.causal.check_frames(chunk)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, key="streaming_chunk_size") from exc
+        if self.streaming_max_length < chunk:
+            raise ConfigError(f"must be at least the chunk of {chunk} frames, got {self.streaming_max_length}",
+                              key="streaming_max_length")
+        block = self.causal.num_frame_per_block
+        if not any(n >= self.streaming_min_new_frame for n in range(block, chunk + 1, block)):
+            raise ConfigError(f"no multiple of num_frame_per_block {block} lies in [{self.streaming_min_new_frame}, "
+                              f"{chunk}] (the chunk): lower it to at most {chunk // block * block}",
+                              key="streaming_min_new_frame")
+        if getattr(self, "cache_dir", None):
+            raise ConfigError("streaming re-encodes each window's first frame with the VAE and CLIP: train with the "
+                              "encoders (unset cache_dir)", key="streaming_training")
 
     @property
     def use_ema(self) -> bool:

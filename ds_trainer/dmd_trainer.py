@@ -17,6 +17,7 @@ data-parallel rank, exit steps broadcast from rank 0), so they roll out, score a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -136,8 +137,9 @@ class DMDTrainer(Trainer):
         return "rows " + ", ".join(str(int(i)) for i in batch["indices"])
 
     # -------------------------------------------------------------------------------- step
-    def conditioning(self, batch):
-        cond, first = _encode(self.encoders, batch, self.cfg.num_training_frames)
+    def conditioning(self, batch, frames: Optional[int] = None):
+        """(cond, uncond, first latent) of a batch, y covering `frames` (default num_training_frames)."""
+        cond, first = _encode(self.encoders, batch, frames or self.cfg.num_training_frames)
         cond, first = cond.to(self.device), first.to(self.device)
         b = first.shape[0]
         context, lens = self.negative
@@ -158,33 +160,110 @@ class DMDTrainer(Trainer):
     def train_step(self, batch, micro: int) -> Optional[dict[str, float]]:
         cfg, row, times = self.cfg, {}, {}
         rng = step_generator(cfg.seed, self.step, micro, self.dp_rank)  # one draw per SP group: noise, t, x_t
+        if cfg.streaming_training:
+            return self.streaming_step(batch, rng)
         cond, uncond, first = self.conditioning(batch)
         gen, critic = self.engines["generator"], self.engines["critic"]
         if self.step % cfg.dfake_gen_update_ratio == 0:
             t0 = time.perf_counter()
-            video = self.rollout(cond, first, rng, grad=True)
+            with self.phase_peak("rollout", row):
+                video = self.rollout(cond, first, rng, grad=True)
             t1 = time.perf_counter()
-            loss, grad_mean = distribution_matching_loss(video, self.real_score, critic, cond, uncond,
-                                                         cfg.guidance_scale, self.dmd_steps, rng)
+            with self.phase_peak("dmd", row):
+                loss, grad_mean = distribution_matching_loss(video, self.real_score, critic, cond, uncond,
+                                                             cfg.guidance_scale, self.dmd_steps, rng)
             if self._skip(loss, "generator", batch):
                 return None
-            gen.backward(loss)
+            with self.phase_peak("dmd", row):
+                gen.backward(loss)
             gen.step()
             self.update_ema()
             times.update(rollout=t1 - t0, dmd=time.perf_counter() - t1)
             row.update(generator_loss=loss.item(), dmd_grad=grad_mean)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            video = self.rollout(cond, first, rng, grad=False)
-        loss = critic_loss(video, critic, cond, self.dmd_steps, rng)
-        if self._skip(loss, "critic", batch):
-            return None
-        critic.backward(loss)
+        with self.phase_peak("critic", row):
+            with torch.no_grad():
+                video = self.rollout(cond, first, rng, grad=False)
+            loss = critic_loss(video, critic, cond, self.dmd_steps, rng)
+            if self._skip(loss, "critic", batch):
+                return None
+            critic.backward(loss)
         critic.step()
         times["critic"] = time.perf_counter() - t0
         row["critic_loss"] = loss.item()
         row.update({f"time_{k}_s": v for k, v in times.items()})
+        return self.with_role_memory(row)
+
+    def with_role_memory(self, row: dict) -> dict:
+        """`row`, plus each role's model state on the first step this process logs."""
+        if not getattr(self, "_memory_logged", False):
+            row.update(self.role_memory())
+            self._memory_logged = True
         return row
+
+    def role_memory(self) -> dict[str, float]:
+        """memory_<role>_<params|optimizer|cpu|cuda>_mb of generator, critic and teacher on this rank."""
+        from ds_trainer.engine_memory import role_memory  # noqa: PLC0415
+        roles = {"generator": (self.generator, self.engines["generator"].optimizer),
+                 "critic": (self.critic, self.engines["critic"].optimizer), "real_score": (self.real_score_module, None)}
+        return {f"memory_{role}_{k}": v for role, (module, optim) in roles.items()
+                for k, v in role_memory(module, optim).items()}
+
+    @contextlib.contextmanager
+    def phase_peak(self, phase: str, row: dict):
+        """On GPU, the peak allocation during the block as peak_<phase>_mb (the largest if repeated)."""
+        from ds_trainer.engine_memory import phase_peak_mb, phase_peak_reset  # noqa: PLC0415
+        phase_peak_reset(self.device)
+        yield
+        peak = phase_peak_mb(self.device)
+        if peak is not None:
+            row[f"peak_{phase}_mb"] = max(peak, row.get(f"peak_{phase}_mb", 0.0))
+
+    def streaming_step(self, batch, rng: torch.Generator) -> Optional[dict[str, float]]:
+        """LongLive's streaming long tuning (ds_trainer/streaming_rollout.py): the stream advances
+        once a step (with gradients on generator steps); the generator's DMD loss covers the new
+        frames of the window, the critic learns on the whole window."""
+        from ds_trainer.streaming_rollout import StreamingRollout, StreamingSettings, reencode_window  # noqa: PLC0415
+        cfg, row, times = self.cfg, {}, {}
+        if getattr(self, "streaming", None) is None:
+            settings = StreamingSettings(cfg.streaming_chunk, cfg.streaming_max_length, cfg.streaming_min_new_frame)
+            self.streaming = StreamingRollout(settings, self.causal, self.steps, self.scheduler, cfg.context_noise,
+                                              cfg.same_step_across_blocks, cfg.last_step_only)
+        gen, critic = self.engines["generator"], self.engines["critic"]
+        gen_step = self.step % cfg.dfake_gen_update_ratio == 0
+        draws = step_generator(cfg.seed, self.step, 1, 0)  # new-frame count and exit steps: one draw for every rank
+        t0 = time.perf_counter()
+        with self.phase_peak("rollout", row), torch.set_grad_enabled(gen_step):
+            window = self.streaming.advance(gen, self.generator,
+                                            lambda: self.conditioning(batch, cfg.streaming_max_length),
+                                            lambda v, c, u: reencode_window(self.encoders, v, c, u), rng, draws,
+                                            grad=gen_step)
+        times["rollout"] = time.perf_counter() - t0
+        row.update(stream_frames=float(window.stream_frames), stream_new_frames=float(window.new_mask.sum()))
+        if gen_step:
+            t1 = time.perf_counter()
+            with self.phase_peak("dmd", row):
+                loss, grad_mean = distribution_matching_loss(window.video, self.real_score, critic, window.cond,
+                                                             window.uncond, cfg.guidance_scale, self.dmd_steps, rng,
+                                                             frame_mask=window.new_mask)
+                if self._skip(loss, "generator", batch):
+                    return None
+                gen.backward(loss)
+            gen.step()
+            self.update_ema()
+            times["dmd"] = time.perf_counter() - t1
+            row.update(generator_loss=loss.item(), dmd_grad=grad_mean)
+        t2 = time.perf_counter()
+        with self.phase_peak("critic", row):
+            loss = critic_loss(window.video.detach(), critic, window.cond, self.dmd_steps, rng)
+            if self._skip(loss, "critic", batch):
+                return None
+            critic.backward(loss)
+        critic.step()
+        times["critic"] = time.perf_counter() - t2
+        row["critic_loss"] = loss.item()
+        row.update({f"time_{k}_s": v for k, v in times.items()})
+        return self.with_role_memory(row)
 
     def update_ema(self) -> None:
         if not self.cfg.use_ema or self.step < self.cfg.ema_start_step:

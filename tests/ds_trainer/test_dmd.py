@@ -92,6 +92,15 @@ def test_a_few_dmd_steps_train_generator_and_critic_and_leave_the_teacher_bit_id
         weights = {k.removeprefix("model."): v for k, v in saved[role].items()}
         assert weights.keys() == base.keys() and all(k.startswith("model.") for k in saved[role])
         assert any(not torch.equal(weights[k], base[k]) for k in base), f"{role} did not train"
+    # each role's model state on a rank: half of every parameter (ZeRO-3 over 2 ranks), Adam's two
+    # moments (+ fp32 master partition) for the trainable roles, nothing for the teacher's optimizer
+    full_mb = sum(v.numel() * 4 for v in base.values()) / 2 ** 20
+    mem = rows[0]
+    for role in ("generator", "critic", "real_score"):
+        assert abs(mem[f"memory_{role}_params_mb"] - full_mb / 2) < 0.05 * full_mb, (role, mem, full_mb)
+    for role in ("generator", "critic"):
+        assert mem[f"memory_{role}_optimizer_mb"] >= 2 * 0.95 * mem[f"memory_{role}_params_mb"], mem
+    assert mem["memory_real_score_optimizer_mb"] == 0 and "memory_generator_params_mb" not in rows[1]
     calls = json.loads((root / "full" / "probe_calls.json").read_text())
     assert calls["generator"] > 0 and calls["critic"] > 0 and calls["teacher"] > 0  # each checked its inputs
 
@@ -225,12 +234,23 @@ def test_the_trained_generator_rolls_out_a_video_and_the_losses_plot(dmd_runs):
 
 
 def test_lora_dmd_under_zero2_trains_only_adapters_and_exports_them_as_longlive(dmd_runs, tmp_path):
-    """LongLive's LoRA recipe (every Linear of the blocks) on generator and critic, with ZeRO-2 (the
-    teacher a plain frozen module); the checkpoint samples through the causal loader, merged."""
+    """LongLive's stage 2: its LoRA recipe (every Linear of the blocks) on generator and critic, with
+    ZeRO-2 (the teacher a plain frozen module), and streaming long tuning (chunk 5, streams of at most
+    9 frames, 2 or 4 new frames a step); the checkpoint samples through the causal loader, merged."""
     config = dmd_runs[0]
     lora = "adapter={adapter_type: lora, r: 2, lora_alpha: 2, target_modules: [all-linear]}"
-    run = launch(config, tmp_path / "lora", ranks=1, zero="2", sets=(lora, "max_iters=3", "log_iters=3"))
-    assert finished(run)["step"] == 3
+    streaming = ("streaming_training=true", "streaming_max_length=9", "streaming_min_new_frame=2")
+    run = launch(config, tmp_path / "lora", ranks=1, zero="2", sets=(lora, "max_iters=6", "log_iters=3", *streaming))
+    assert finished(run)["step"] == 6
+    rows = read_metrics(tmp_path / "lora")
+    frames = [int(r["stream_frames"]) for r in rows]
+    assert frames[0] == 5 and all(5 <= n <= 9 for n in frames), frames
+    steps = list(zip(frames, frames[1:]))
+    assert any(b - a in (2, 4) for a, b in steps) and all(b - a in (2, 4) or b == 5 for a, b in steps), frames
+    assert all(b == 5 for a, b in steps if a + 2 > 9), frames  # a stream that cannot grow restarts
+    assert [r["step"] for r in rows if "generator_loss" in r] == [1, 3, 5]
+    assert all(r["critic_loss"] == r["critic_loss"] and r.get("generator_loss", 0) == r.get("generator_loss", 0)
+               for r in rows)  # finite
     saved = torch.load(tmp_path / "lora" / "checkpoint_model_000003" / "model.pt", weights_only=True)
     assert set(saved) == {"generator_lora", "critic_lora"}  # no EMA with LoRA, as LongLive
     for role in saved.values():
