@@ -163,36 +163,51 @@ class DMDTrainer(Trainer):
         if cfg.streaming_training:
             return self.streaming_step(batch, rng)
         cond, uncond, first = self.conditioning(batch)
-        gen, critic = self.engines["generator"], self.engines["critic"]
         if self.step % cfg.dfake_gen_update_ratio == 0:
             t0 = time.perf_counter()
             with self.phase_peak("rollout", row):
                 video = self.rollout(cond, first, rng, grad=True)
-            t1 = time.perf_counter()
-            with self.phase_peak("dmd", row):
-                loss, grad_mean = distribution_matching_loss(video, self.real_score, critic, cond, uncond,
-                                                             cfg.guidance_scale, self.dmd_steps, rng)
-            if self._skip(loss, "generator", batch):
+            times["rollout"] = time.perf_counter() - t0
+            if not self.generator_update(video, cond, uncond, batch, rng, row, times):
                 return None
-            with self.phase_peak("dmd", row):
-                gen.backward(loss)
-            gen.step()
-            self.update_ema()
-            times.update(rollout=t1 - t0, dmd=time.perf_counter() - t1)
-            row.update(generator_loss=loss.item(), dmd_grad=grad_mean)
-        t0 = time.perf_counter()
-        with self.phase_peak("critic", row):
+
+        def critic_video():
             with torch.no_grad():
-                video = self.rollout(cond, first, rng, grad=False)
-            loss = critic_loss(video, critic, cond, self.dmd_steps, rng)
+                return self.rollout(cond, first, rng, grad=False)
+        if not self.critic_update(critic_video, cond, batch, rng, row, times):
+            return None
+        row.update({f"time_{k}_s": v for k, v in times.items()})
+        return self.with_role_memory(row)
+
+    def generator_update(self, video: torch.Tensor, cond, uncond, batch, rng: torch.Generator, row: dict,
+                         times: dict, frame_mask: Optional[torch.Tensor] = None) -> bool:
+        """The DMD loss of the generator's `video` (carrying its graph), backward and step; False
+        when the loss was not finite on some rank (the step is skipped on every rank)."""
+        cfg, gen, t0 = self.cfg, self.engines["generator"], time.perf_counter()
+        with self.phase_peak("dmd", row):
+            loss, grad_mean = distribution_matching_loss(video, self.real_score, self.engines["critic"], cond, uncond,
+                                                         cfg.guidance_scale, self.dmd_steps, rng, frame_mask=frame_mask)
+            if self._skip(loss, "generator", batch):
+                return False
+            gen.backward(loss)
+        gen.step()
+        self.update_ema()
+        times["dmd"] = time.perf_counter() - t0
+        row.update(generator_loss=loss.item(), dmd_grad=grad_mean)
+        return True
+
+    def critic_update(self, make_video, cond, batch, rng: torch.Generator, row: dict, times: dict) -> bool:
+        """The critic's flow loss on make_video() (no gradient to the generator), backward and step."""
+        critic, t0 = self.engines["critic"], time.perf_counter()
+        with self.phase_peak("critic", row):
+            loss = critic_loss(make_video().detach(), critic, cond, self.dmd_steps, rng)
             if self._skip(loss, "critic", batch):
-                return None
+                return False
             critic.backward(loss)
         critic.step()
         times["critic"] = time.perf_counter() - t0
         row["critic_loss"] = loss.item()
-        row.update({f"time_{k}_s": v for k, v in times.items()})
-        return self.with_role_memory(row)
+        return True
 
     def with_role_memory(self, row: dict) -> dict:
         """`row`, plus each role's model state on the first step this process logs."""
@@ -229,7 +244,7 @@ class DMDTrainer(Trainer):
             settings = StreamingSettings(cfg.streaming_chunk, cfg.streaming_max_length, cfg.streaming_min_new_frame)
             self.streaming = StreamingRollout(settings, self.causal, self.steps, self.scheduler, cfg.context_noise,
                                               cfg.same_step_across_blocks, cfg.last_step_only)
-        gen, critic = self.engines["generator"], self.engines["critic"]
+        gen = self.engines["generator"]
         gen_step = self.step % cfg.dfake_gen_update_ratio == 0
         draws = step_generator(cfg.seed, self.step, 1, 0)  # new-frame count and exit steps: one draw for every rank
         t0 = time.perf_counter()
@@ -240,28 +255,11 @@ class DMDTrainer(Trainer):
                                             grad=gen_step)
         times["rollout"] = time.perf_counter() - t0
         row.update(stream_frames=float(window.stream_frames), stream_new_frames=float(window.new_mask.sum()))
-        if gen_step:
-            t1 = time.perf_counter()
-            with self.phase_peak("dmd", row):
-                loss, grad_mean = distribution_matching_loss(window.video, self.real_score, critic, window.cond,
-                                                             window.uncond, cfg.guidance_scale, self.dmd_steps, rng,
-                                                             frame_mask=window.new_mask)
-                if self._skip(loss, "generator", batch):
-                    return None
-                gen.backward(loss)
-            gen.step()
-            self.update_ema()
-            times["dmd"] = time.perf_counter() - t1
-            row.update(generator_loss=loss.item(), dmd_grad=grad_mean)
-        t2 = time.perf_counter()
-        with self.phase_peak("critic", row):
-            loss = critic_loss(window.video.detach(), critic, window.cond, self.dmd_steps, rng)
-            if self._skip(loss, "critic", batch):
-                return None
-            critic.backward(loss)
-        critic.step()
-        times["critic"] = time.perf_counter() - t2
-        row["critic_loss"] = loss.item()
+        if gen_step and not self.generator_update(window.video, window.cond, window.uncond, batch, rng, row, times,
+                                                  frame_mask=window.new_mask):
+            return None
+        if not self.critic_update(lambda: window.video, window.cond, batch, rng, row, times):
+            return None
         row.update({f"time_{k}_s": v for k, v in times.items()})
         return self.with_role_memory(row)
 
