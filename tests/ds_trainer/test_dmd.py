@@ -20,7 +20,7 @@ from ds_trainer.demo import prepare_dmd
 from ds_trainer.dmd_trainer import DMDTrainer
 from ds_trainer.metrics import read_metrics
 from model.checkpoint import read_checkpoint
-from tests.ds_trainer.conftest import finished, launch
+from tests.ds_trainer.conftest import finished, kill_group, launch
 
 pytestmark = pytest.mark.slow
 PROBE = "tests.ds_trainer.dmd_probe_train"
@@ -63,8 +63,22 @@ def dmd_runs(demo_config, dmd_cache, tmp_path_factory):
     full = launch(config, root / "full", sets=("max_iters=6", validation), module=PROBE)
     first = launch(config, root / "resumed", sets=("max_iters=3", f"cache_dir={dmd_cache[2]}"), module=PROBE)
     shutil.copy(root / "resumed" / "probe_calls.json", root / "cached_leg_probe_calls.json")
-    second = launch(config, root / "resumed", sets=("max_iters=6",), module=PROBE)  # on the encoders again
+    # on the encoders again; SIGKILLed after it logged step 4 (before its next checkpoint at 6), then resumed
+    victim = launch(config, root / "resumed", sets=("max_iters=6",), module=PROBE, wait=False)
+    _wait_for_step(root / "resumed" / "metrics.jsonl", 4, victim)
+    kill_group(victim)
+    second = launch(config, root / "resumed", sets=("max_iters=6",), module=PROBE)
     return config, root, full, first, second
+
+
+def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 300) -> None:
+    import time
+    t0 = time.time()
+    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= step
+                                        for line in metrics.read_text().splitlines() if line.strip())):
+        assert proc.poll() is None, f"the run ended before logging step {step}"
+        assert time.time() - t0 < timeout, f"no step {step} in {metrics} after {timeout}s"
+        time.sleep(0.05)
 
 
 def test_a_few_dmd_steps_train_generator_and_critic_and_leave_the_teacher_bit_identical(dmd_runs):
@@ -127,10 +141,10 @@ def test_every_rank_rolled_out_with_the_same_exit_steps(dmd_runs):
     assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 6 + 3  # 6 critic + 3 generator rollouts
 
 
-def test_a_stopped_run_resumes_with_the_losses_of_the_uninterrupted_one(dmd_runs):
+def test_a_stopped_and_a_sigkilled_run_resume_with_the_losses_of_the_uninterrupted_one(dmd_runs):
     _, root, _, first, second = dmd_runs
     assert finished(first)["step"] == 3 and finished(second)["step"] == 6
-    assert "resumed from" in second.output
+    assert "resumed from" in second.output and "checkpoint_model_000003" in second.output  # the kill lost 4-5
     ours, theirs = read_metrics(root / "resumed"), read_metrics(root / "full")
     for key in ("critic_loss", "generator_loss"):
         a = [r.get(key, 0.0) for r in ours]
