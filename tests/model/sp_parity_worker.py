@@ -247,6 +247,10 @@ def main(out_path):
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(gathered, fh, indent=1)
+    # an orderly shutdown: a rank leaving with the group's threads alive can abort in their
+    # destructor ("terminate called without an active exception", SIGABRT) and fail the run
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
