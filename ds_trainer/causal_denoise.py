@@ -48,12 +48,9 @@ def denoise_blockwise(model: CausalWanModel, noise: torch.Tensor, br, make_sampl
 
     from ds_trainer.sample import guided_flow, progress_disabled  # noqa: PLC0415
 
-    b, _, f, h, w = noise.shape
-    p = model.config.patch_size
-    frame_tokens = (h // p[1]) * (w // p[2])
-    dtype = next(model.parameters()).dtype
-    state = {id(c): (model.new_kv_caches(b, frame_tokens, f, device=noise.device, dtype=dtype),
-                     model.cross_attention_cache(c)) for c in branches_used(br, guidance, ref_guidance)}
+    b, f = noise.shape[0], noise.shape[2]
+    state = {id(c): (model.kv_caches_for(noise, f), model.cross_attention_cache(c))
+             for c in branches_used(br, guidance, ref_guidance)}
     every_cache = [cache for caches, _ in state.values() for cache in caches]
     call, out = _BlockCaller(model, state), []
     blocks = frame_blocks(f, model.causal)

@@ -61,11 +61,8 @@ def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: 
     on_block(index, x0 [B, 16, f, h, w]) is called as each block is done (streaming inference).
     switches: LongLive's prompt switches (ds_trainer/prompt_switch.py): from each one's block on, its
     conditioning, after re-caching the frames done (the sink kept with `keep_sink`)."""
-    b, _, f, h, w = noise.shape
-    p = model.config.patch_size
-    frame_tokens = (h // p[1]) * (w // p[2])
-    param = next(model.parameters())
-    caches = model.new_kv_caches(b, frame_tokens, f, device=noise.device, dtype=param.dtype)
+    f = noise.shape[2]
+    caches = model.kv_caches_for(noise, f)
     with torch.set_grad_enabled(grad):
         cross = model.cross_attention_cache(cond)
     blocks = frame_blocks(f, causal)

@@ -96,7 +96,7 @@ class StreamingRollout:
         draw_rng: the new-frame count and exit steps (broadcast from rank 0)."""
         s = self.settings
         if self.stream is None or self.stream.frames + self.settings.min_new > s.max_length:
-            return self._start(generator, model, start_stream, reencode, rng, draw_rng, grad)
+            return self._start(generator, model, start_stream, rng, draw_rng, grad)
         fit = [n for n in self.choices if self.stream.frames + n <= s.max_length]
         new = broadcast_object(fit[int(torch.randint(len(fit), (1,), generator=draw_rng))])
         st = self.stream
@@ -117,14 +117,11 @@ class StreamingRollout:
         st.window = video.detach()
         return self._window(video, st, reencode, new)
 
-    def _start(self, generator, model, start_stream, reencode, rng, draw_rng, grad) -> Window:
+    def _start(self, generator, model, start_stream, rng, draw_rng, grad) -> Window:
         s, causal = self.settings, self.causal
         cond, uncond, first = start_stream()
         b, _, _, h, w = cond.y.shape
-        p = model.config.patch_size
-        frame_tokens = (h // p[1]) * (w // p[2])
-        dtype = next(model.parameters()).dtype
-        caches = model.new_kv_caches(b, frame_tokens, s.max_length, device=first.device, dtype=dtype)
+        caches = model.kv_caches_for(first, s.max_length)
         with torch.set_grad_enabled(grad):
             cross = model.cross_attention_cache(cond)
         blocks = frame_blocks(s.chunk, causal)

@@ -124,6 +124,14 @@ class CausalWanModel(WanModel):
         return make_caches(len(self.blocks), batch, frame_tokens, self.cache_heads(), self.config.head_dim,
                            max_frames, c.local_attn_size, c.sink_size, device, dtype, c.num_frame_per_block)
 
+    def kv_caches_for(self, latents: torch.Tensor, max_frames: int) -> list[KVCache]:
+        """new_kv_caches for latents shaped [B, C, *, h, w] (their batch, frame tokens and device),
+        in the parameters' dtype, holding up to `max_frames` frames."""
+        b, _, _, h, w = latents.shape
+        p = self.config.patch_size
+        dtype = next(self.parameters()).dtype
+        return self.new_kv_caches(b, (h // p[1]) * (w // p[2]), max_frames, device=latents.device, dtype=dtype)
+
     def cache_heads(self) -> int:
         """Heads a KV cache of this rank holds: all of them, or its share under SP."""
         if self.sequence_parallel is None:
