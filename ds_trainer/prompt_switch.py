@@ -2,7 +2,7 @@
 the generator, and the KV cache is re-cached so the frames already made are seen "as if" written
 under the new prompt (LongLive's `_recache_after_switch`).
 
-At a switch before block k (frames [0, cur) done):
+At a switch before block k (frames [0, cur) done; the re-cache is model/causal.py's `recache`):
 1. the cross-attention cache is rebuilt from the new prompt (clip_fea and y stay: they are the
    first frame's);
 2. the self-attention KV cache is emptied and the last frames the next block can see are run again,
@@ -16,11 +16,8 @@ At a switch before block k (frames [0, cur) done):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
-import torch
-
-from model.causal import BlockStep, CausalConfig
 from model.conditioning import Conditioning
 
 
@@ -49,33 +46,3 @@ def switch_blocks(switch_at: Sequence[int], blocks: Sequence[tuple[int, int]], p
             raise ValueError(f"--switch-at {frame}: switches must be in increasing order, got {list(switch_at)}")
         out.append(starts[frame])
     return out
-
-
-def recache_range(done_frames: int, causal: CausalConfig, keep_sink: bool) -> tuple[int, bool]:
-    """(first frame to re-cache, whether the cache keeps its sink) after `done_frames` frames."""
-    window, sink = causal.local_attn_size, causal.sink_size
-    if window <= 0:
-        return 0, False
-    if keep_sink and sink > 0 and done_frames > sink:
-        return max(sink, done_frames - (window - sink)), True
-    return max(0, done_frames - window), False
-
-
-def recache_after_switch(generator: Callable, caches: list, cross: tuple, latents: torch.Tensor,
-                         y: Optional[torch.Tensor], blocks_done: Sequence[tuple[int, int]], causal: CausalConfig,
-                         context_noise: float, keep_sink: bool) -> None:
-    """Re-write `caches` from the clean `latents` [B, 16, cur, h, w] of `blocks_done` under the new
-    `cross` cache (module docstring). generator: what the rollout calls, `(x, t, block=BlockStep)`."""
-    done = blocks_done[-1][1]
-    lo, kept = recache_range(done, causal, keep_sink)
-    for cache in caches:
-        cache.reset(keep_sink=kept)
-    b = latents.shape[0]
-    t = torch.full((b,), float(context_noise), device=latents.device)
-    with torch.no_grad():
-        for start, end in blocks_done:
-            a = max(start, lo)
-            if a >= end:
-                continue
-            ys = y[:, :, a:end] if y is not None else None
-            generator(latents[:, :, a:end], t, block=BlockStep(a, caches, cross, ys))

@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ds_trainer.distributed import broadcast_object
-from ds_trainer.prompt_switch import PromptSwitch, recache_after_switch
-from model.causal import BlockStep, CausalConfig, frame_blocks
+from ds_trainer.prompt_switch import PromptSwitch
+from model.causal import BlockStep, CausalConfig, frame_blocks, recache
 from model.conditioning import Conditioning
 from model.flow_matching import FlowMatchingScheduler
 from model.kv_cache import lookahead
@@ -72,8 +72,8 @@ def self_forcing_rollout(generator: Callable, model, noise: torch.Tensor, cond: 
         if index in switch_at:
             with torch.set_grad_enabled(grad):
                 cross = model.cross_attention_cache(switch_at[index])
-            recache_after_switch(generator, caches, cross, torch.cat(out, dim=2).detach(), cond.y, blocks[:index],
-                                 causal, context_noise, keep_sink)
+            recache(generator, caches, cross, torch.cat(out, dim=2).detach(), cond.y, blocks[:index], causal,
+                    context_noise, keep_sink)
         y = cond.y[:, :, start:end] if cond.y is not None else None
         image = require_first(first_latent) if causal.independent_first_frame and index == 0 else None
         x0 = roll_block(generator, caches, cross, noise[:, :, start:end], y, start, steps, exits[index], scheduler,

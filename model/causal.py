@@ -13,7 +13,7 @@ sequence-parallel too (model/sequence_parallel.py; a rank's KV cache holds its s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -173,19 +173,35 @@ class CausalWanModel(WanModel):
             tokens = block(tokens, e0, rope, ctx, cross_kv=kv, kv_cache=cache)
         return self.unpatchify(self.head(tokens, e), grid)
 
-    def recache(self, frames: torch.Tensor, start_frame: int, kv_caches: list[KVCache],
-                cross_cache: tuple[CrossContext, list], keep_sink: bool = True, y: Optional[torch.Tensor] = None,
-                context_t: float = 0.0) -> None:
-        """LongLive's re-cache after a prompt switch: forget the cached K, V (keeping a full sink if
-        asked), then re-run the given clean frames [start_frame, ...) block by block at timestep
-        `context_t` under the NEW cross-attention cache."""
-        for cache in kv_caches:
-            cache.reset(keep_sink=keep_sink)
-        n = self.causal.num_frame_per_block
-        b = frames.shape[0]
-        with torch.no_grad():
-            for a in range(0, frames.shape[2], n):
-                chunk = frames[:, :, a:a + n]
-                ys = y[:, :, a:a + n] if y is not None else None
-                self.forward_block(chunk, torch.full((b,), context_t, device=frames.device), start_frame + a,
-                                   kv_caches, cross_cache, ys)
+
+def recache_range(done_frames: int, causal: CausalConfig, keep_sink: bool) -> tuple[int, bool]:
+    """(first frame to re-cache, whether the cache keeps its sink) after `done_frames` frames: every
+    frame with global attention; with a window, the last `local_attn_size` frames, or with
+    `keep_sink` (and a sink already written) the last `local_attn_size - sink_size` after the sink."""
+    window, sink = causal.local_attn_size, causal.sink_size
+    if window <= 0:
+        return 0, False
+    if keep_sink and sink > 0 and done_frames > sink:
+        return max(sink, done_frames - (window - sink)), True
+    return max(0, done_frames - window), False
+
+
+def recache(generator: Callable, caches: list, cross: tuple, latents: torch.Tensor, y: Optional[torch.Tensor],
+            blocks_done: Sequence[tuple[int, int]], causal: CausalConfig, context_t: float, keep_sink: bool) -> None:
+    """LongLive's re-cache after a prompt switch (its `_recache_after_switch`): empty `caches` (keeping
+    the sink if asked and written) and re-run the clean `latents` [B, 16, cur, h, w] the next block
+    can still see (`recache_range`) along the rollout's own block boundaries `blocks_done`, at
+    timestep `context_t`, under the new `cross` cache. generator: what the rollout calls,
+    `(x, t, block=BlockStep)`: a CausalWanModel or the DeepSpeed engine around one (its ZeRO-3
+    hooks then gather the weights as for any other forward)."""
+    lo, kept = recache_range(blocks_done[-1][1], causal, keep_sink)
+    for cache in caches:
+        cache.reset(keep_sink=kept)
+    t = torch.full((latents.shape[0],), float(context_t), device=latents.device)
+    with torch.no_grad():
+        for start, end in blocks_done:
+            a = max(start, lo)
+            if a >= end:
+                continue
+            ys = y[:, :, a:end] if y is not None else None
+            generator(latents[:, :, a:end], t, block=BlockStep(a, caches, cross, ys))

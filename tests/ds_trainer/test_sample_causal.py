@@ -220,7 +220,8 @@ def test_a_prompt_switch_changes_the_cross_attention_cache_at_its_block_and_reca
 def test_recache_sink_rewrites_the_window_from_its_first_frame(switch_setup):
     """LongLive's global_sink false: the cache is emptied and the last 4 frames (1-4) re-run, so frame
     1 becomes the sink."""
-    from ds_trainer.prompt_switch import PromptSwitch, recache_range
+    from ds_trainer.prompt_switch import PromptSwitch
+    from model.causal import recache_range
 
     cfg, _, _, cond_b, _ = switch_setup
     causal = cfg.causal.causal_config()

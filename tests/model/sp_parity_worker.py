@@ -4,7 +4,7 @@ For each case every rank builds the same tiny model and inputs (float64), runs f
 at SP = 1 (the plain path), then at SP = 2 over the group, sums the parameter gradients over the
 group (what DeepSpeed's reduction does) and records the largest differences. CASES are
 full-sequence forwards; ROLLOUT_CASES Self-Forcing's KV-cache rollout (self_forcing_rollout, every
-block's exit step carrying gradients); `recache` LongLive's re-cache (CausalWanModel.recache),
+block's exit step carrying gradients); `recache` LongLive's re-cache (model/causal.py: recache),
 comparing this rank's KV-cache heads too. Rank 0 writes them as JSON to argv[1].
 """
 import json
@@ -16,7 +16,7 @@ from deepspeed.sequence import layer as ulysses
 
 from ds_trainer.distributed import init_distributed
 from ds_trainer.self_forcing import self_forcing_rollout
-from model.causal import CausalConfig, CausalWanModel
+from model.causal import CausalConfig, CausalWanModel, recache
 from model.conditioning import Conditioning
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
 from model.flow_matching import FlowMatchingScheduler
@@ -157,7 +157,7 @@ def run_recache(sp):
                 model.forward_block(frames[:, :, a:b], torch.zeros(1, dtype=torch.float64), a, caches, cross,
                                     cond.y[:, :, a:b])
         cross = model.cross_attention_cache(new_prompt)
-        model.recache(frames[:, :, 3:5], 3, caches, cross, keep_sink=True, y=cond.y[:, :, 3:5])
+        recache(model, caches, cross, frames[:, :, :5], cond.y, [(0, 1), (1, 3), (3, 5)], causal, 0.0, keep_sink=True)
         out = model.forward_block(frames[:, :, 5:7], torch.full((1,), 500.0, dtype=torch.float64), 5, caches,
                                   cross, cond.y[:, :, 5:7])
         (out * weight).sum().backward()

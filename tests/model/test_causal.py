@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.block_causal_layout import block_causal_mask
-from model.causal import CausalConfig, CausalWanModel, frame_blocks
+from model.causal import CausalConfig, CausalWanModel, frame_blocks, recache
 from model.config import ReferencePathsConfig, WAN_TINY, WAN_TINY_I2V
 from kernels.attention_types import visible_slots
 from model.kv_cache import KVCache
@@ -140,7 +140,7 @@ def test_recache_after_a_prompt_switch_matches_a_fresh_run_with_the_new_prompt()
     for a, b in frame_blocks(4, causal):
         model.forward_block(x[:, :, a:b], torch.zeros(2), a, caches, old)
     new = model.cross_attention_cache(new_cond)
-    model.recache(x[:, :, 0:4], 0, caches, new, keep_sink=False)
+    recache(model, caches, new, x[:, :, 0:4], None, frame_blocks(4, causal), causal, 0.0, keep_sink=False)
     after = model.forward_block(x[:, :, 4:6], t[:, 4:6], 4, caches, new)
     fresh = model.new_kv_caches(2, 6, f)
     for a, b in frame_blocks(4, causal):
