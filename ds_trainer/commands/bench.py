@@ -1,6 +1,8 @@
-"""`wanspeed bench kernels|data|compile`: the kernel microbenchmarks (kernels/bench/runner.py), the
-data-loader benchmark (data/bench.py), or the compile gate (kernels/compile_gate.py: registers,
-spills, shared memory for sm_90 / sm_100 without a GPU), one sub-parser each."""
+"""`wanspeed bench kernels|causal-block|data|compile`: the kernel microbenchmarks
+(kernels/bench/runner.py), a Wan-shaped causal generator timed per block through its KV cache for
+each attention backend (model/causal_bench.py), the data-loader benchmark (data/bench.py), or the
+compile gate (kernels/compile_gate.py: registers, spills, shared memory for sm_90 / sm_100 without a
+GPU), one sub-parser each."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +39,20 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
 
 
+def _causal_block_arguments(parser: argparse.ArgumentParser) -> None:
+    """Shape names restated here (model.causal_bench imports the model stack; parsing needs none of it)."""
+    parser.add_argument("--shapes", choices=("tiny", "wan-1.3b", "wan-1.3b-longlive"), default=None,
+                        help="default: wan-1.3b (21 latent frames at 480x832, 3 a block) on a GPU, tiny on CPU")
+    parser.add_argument("--frames", type=int, help="latent frames of the rollout")
+    parser.add_argument("--block", type=int, help="latent frames per block")
+    parser.add_argument("--window", type=int, help="local_attn_size (-1: every earlier frame)")
+    parser.add_argument("--sink", type=int, help="sink frames (with --window)")
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "triton"], help="attention backends (default sdpa triton)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rollouts (medians per block)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default kernels/bench/results/<device>-causal-block-<shapes>.json)")
+
+
 def _compile_arguments(parser: argparse.ArgumentParser) -> None:
     """Choices restated here (kernels.compile_gate imports triton lazily; parsing needs none of it)."""
     parser.add_argument("--arch", default="sm_90,sm_100", help="comma-separated architectures (sm_90, sm_100)")
@@ -51,11 +67,14 @@ def _compile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{data,kernels,compile}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{data,kernels,causal-block,compile}")
     _data_arguments(sub.add_parser("data", help="OpenS2V loader throughput against decoding every frame",
                                    description="OpenS2V loader clips/s against decoding every frame then picking"))
     _kernels_arguments(sub.add_parser("kernels", help="attention/extension microbenchmarks",
                                       description="every kernel microbenchmark, side by side with the stock paths"))
+    _causal_block_arguments(sub.add_parser("causal-block", help="a causal Wan, ms per block through the KV cache",
+                                           description="a Wan-shaped block-causal generator with random weights, "
+                                                       "timed block by block per attention backend"))
     _compile_arguments(sub.add_parser("compile", help="compile every kernel/config for sm_90, sm_100 (no GPU needed)",
                                       description="registers, spills and shared memory of every Triton kernel at "
                                                   "every autotune config, and of the CUDA extension"))
@@ -85,6 +104,23 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_causal_block(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from model.causal_bench import bench_causal_block, default_shapes, format_rows, write_results  # noqa: PLC0415
+
+    shapes = args.shapes or default_shapes(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides = {k: v for k, v in (("frames", args.frames), ("block", args.block), ("window", args.window),
+                                   ("sink", args.sink)) if v is not None}
+    try:
+        rows = bench_causal_block(shapes, args.backends, repeats=args.repeats, overrides=overrides)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    print(format_rows(rows))
+    print(f"results written to {write_results(rows, shapes, args.out)}")
+    return 0 if all(r.error is None for r in rows) else 1
+
+
 def _run_compile(args: argparse.Namespace) -> int:
     from kernels.compile_gate import compile_gate, format_summary, format_table  # noqa: PLC0415
 
@@ -106,4 +142,5 @@ def _run_compile(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"kernels": _run_kernels, "data": _run_data, "compile": _run_compile}[args.what](args)
+    return {"kernels": _run_kernels, "causal-block": _run_causal_block, "data": _run_data,
+            "compile": _run_compile}[args.what](args)
