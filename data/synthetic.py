@@ -50,6 +50,13 @@ CLIPS_PER_SOURCE = (2, 1, 3)
 OLD_EVERY = 4
 # Subjects stay inside the frame minus this fraction on each side, so a crop never cuts them.
 MARGIN = 1 / 8
+# A subject's half width / height as a fraction of its region's smaller side (1.5 x the other side):
+# large, like OpenS2V's subjects (people filling much of the frame), so that what a clip shows
+# depends on its subjects more than on its background.
+SUBJECT_HALF = (0.3, 0.45)
+# Background grey level range and the contrast of its diagonal gradient (uint8 levels).
+BACKGROUND_GREY = (110, 140)
+BACKGROUND_RAMP = 50
 # Texture contrast around a subject's base colour (uint8 levels): the shades average to it.
 SHADE = 28
 X264_CRF = "12"  # near-lossless: the tests compare decoded pixels with the drawn ones
@@ -235,7 +242,7 @@ def _make_source(rng: np.random.Generator, index: int, video_id: str, height: in
     subjects = []
     for region, colour, shape in zip(regions, colours, shapes):
         rw, rh = region[1] - region[0], region[3] - region[2]
-        half = (rng.uniform(0.16, 0.26) * min(rw, 1.5 * rh), rng.uniform(0.16, 0.26) * min(rh, 1.5 * rw))
+        half = (rng.uniform(*SUBJECT_HALF) * min(rw, 1.5 * rh), rng.uniform(*SUBJECT_HALF) * min(rh, 1.5 * rw))
         subjects.append(_Subject(shape=str(shape), colour=str(colour), half=half,
                                  period=max(2.0, round(min(half) / 3)), region=region))
     return _Source(index, video_id, background, tint, pattern, subjects)
@@ -247,7 +254,7 @@ def _background(rng: np.random.Generator, height: int, width: int, tint: tuple[i
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     angle = rng.uniform(0, 2 * math.pi)
     ramp = (xx / width - 0.5) * math.cos(angle) + (yy / height - 0.5) * math.sin(angle)  # [-0.7, 0.7]
-    grey = rng.uniform(110, 140) + 50 * ramp
+    grey = rng.uniform(*BACKGROUND_GREY) + BACKGROUND_RAMP * ramp
     wavelength = rng.uniform(6, 12)
     if pattern == "faint diagonal stripes":
         texture = np.sin(2 * math.pi * (xx + yy) / wavelength)

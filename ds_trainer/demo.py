@@ -3,7 +3,7 @@ embedded tiny default (configs/tiny_opens2v.yaml):
 
 1. write synthetic OpenS2V-format data (real mp4s, RLE masks, backgrounds);
 2. write tiny T5 / CLIP / VAE encoders and a tiny Wan base checkpoint in the official layouts
-   (the random VAE calibrated to the data, ds_trainer/demo_vae.py, so latents show the frames);
+   (the VAE's weights set so that latents are the clips' colours and decode back, ds_trainer/demo_vae.py);
 3. fill the encoder-output cache (`wanspeed cache`), and a cache of held-out clips (other sources);
 4. measure `ref_gain` (ds_trainer/ref_gain.py) of the untrained model, train the reference adapters
    (the fused path too; LoRA is off in the tiny config) under `deepspeed` with 2 CPU ranks and
@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
+DEMO_FRAMES = 17
+"""Frames per synthetic clip: the tiny config reads 5 frames at stride 3, so 17 leave a choice of
+windows and keep writing 48 clips short."""
+
+
+def prepare(root: Path, clips: int = 48, seed: int = 0) -> Path:
     """Data, encoders and base weights under `root`; returns the resolved run config path."""
     from data.synthetic import make_demo_dataset  # noqa: PLC0415
     from model.checkpoint import save_diffusers_dir  # noqa: PLC0415
@@ -37,12 +42,12 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "data").exists():
-        make_demo_dataset(root / "data", clips=clips, parts=1, seed=seed)
+        make_demo_dataset(root / "data", clips=clips, parts=1, frames=DEMO_FRAMES, seed=seed)
     config = root / "tiny_opens2v.yaml"
     config.write_text((configs_dir() / "tiny_opens2v.yaml").read_text().replace("@DEMO@", str(root.resolve())))
     if not (root / "encoders" / "vae").exists():
         write_tiny_encoders(root / "encoders", text_dim=WAN_TINY.text_dim, clip_dim=WAN_TINY.clip_dim, seed=seed)
-        _calibrate_vae(config, root / "encoders" / "vae")
+        _build_vae(config, root / "encoders" / "vae")
     if not (root / "base").exists():
         torch.manual_seed(seed)
         base = WanModel(WAN_TINY)
@@ -53,20 +58,20 @@ def prepare(root: Path, clips: int = 8, seed: int = 0) -> Path:
     return config
 
 
-def _calibrate_vae(config: Path, vae_dir: Path) -> None:
+def _build_vae(config: Path, vae_dir: Path) -> None:
     from ds_trainer.config import load_train_config  # noqa: PLC0415
     from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
-    from ds_trainer.demo_vae import calibrate_tiny_vae  # noqa: PLC0415
+    from ds_trainer.demo_vae import build_colour_vae  # noqa: PLC0415
     dataset = opens2v_dataset(load_train_config(config))
-    calibrate_tiny_vae(vae_dir, [dataset[i]["video"][None] for i in range(len(dataset))])
+    build_colour_vae(vae_dir, [dataset[i]["video"][None] for i in range(len(dataset))])
 
 
-def prepare_heldout(root: Path, clips: int = 4, seed: int = 1) -> Path:
+def prepare_heldout(root: Path, clips: int = 24, seed: int = 1) -> Path:
     """Synthetic clips of other source videos (another seed) under `root/heldout`, and a copy of
     the demo config reading them into `root/cache_heldout`; returns that config (for `wanspeed cache`)."""
     from data.synthetic import make_demo_dataset  # noqa: PLC0415
     if not (root / "heldout").exists():
-        make_demo_dataset(root / "heldout", clips=clips, parts=1, seed=seed)
+        make_demo_dataset(root / "heldout", clips=clips, parts=1, frames=DEMO_FRAMES, seed=seed)
     config = root / "heldout_opens2v.yaml"
     text = (root / "tiny_opens2v.yaml").read_text()
     config.write_text(text.replace(f"{root.resolve()}/data/", f"{root.resolve()}/heldout/")
@@ -90,11 +95,11 @@ def measure_ref_gain(config: Path, cache_dir: Path, checkpoint: Optional[Path] =
                             repeats=repeats)
 
 
-def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None) -> dict:
+def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None, clips: int = 8) -> dict:
     """How close the trained model's samples are to their subjects, against the untrained model's on
     the same seeds and inputs (ds_trainer/subject_likeness.py), over the run's clips: colour distance
     to each subject cut-out (the real clip's VAE reconstruction beside them, the reachable end), and
-    latent distance to the sample's own clip vs the other clips."""
+    latent distance to the sample's own clip vs the other clips. Over the first `clips` clips."""
     from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
     from ds_trainer.config import load_train_config  # noqa: PLC0415
     from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
@@ -109,7 +114,7 @@ def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None
     dataset = opens2v_dataset(cfg)
     models = {"trained": build_generator(cfg, checkpoint, str(config)),
               "untrained": base_generator(cfg, cfg.wan_config()).eval()}
-    samples = [dataset[i] for i in range(len(dataset))]
+    samples = [dataset[i] for i in range(min(clips, len(dataset)))]
     use_clip = cfg.wan_config().reference_paths.clip
     inputs = [inputs_from_batch(collate_opens2v_batch([s]), encoders, torch.device("cpu"), use_clip) for s in samples]
     clips = torch.cat([i.latents for i in inputs])

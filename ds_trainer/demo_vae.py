@@ -1,19 +1,29 @@
-"""The demo's tiny VAE, calibrated to its data so that latents carry what the frames show.
+"""The demo's tiny VAE: a diffusers `AutoencoderKLWan` whose weights are SET, not random, so that
+its latents are the clip's colours and its decoder paints them back.
 
-A randomly initialised VAE maps every frame to nearly the same latent plus a pattern fixed by
-position (biases and border effects of its convolutions): on the demo's clips 99% of the pixel
-variance differs from clip to clip, but after the random encoder and Wan's normalisation the
-latents vary across clips by ~1e-4 of the flow-matching noise variance, so no conditioning (least of
-all a subject reference) can lower the loss measurably, and a run cannot show that its reference
-paths learn.
+A randomly initialised VAE is useless for a demo twice over. Its encoder maps every frame to nearly
+the same latent (on the demo clips, the across-clip part of the latent variance is ~1e-4 of the
+flow-matching noise), so no conditioning can lower the loss measurably; and its decoder is random,
+so even a real clip's latents decode to noise and a sampled video cannot show its subject.
 
-`calibrate_tiny_vae` keeps the encoder and replaces its 1x1 `quant_conv` rows of the posterior mean:
-the 16 latent channels become the directions of the encoder's 2 x 16 output features along which
-the given clips differ most from each other relative to the fixed pattern (a generalised eigenproblem
-of the across-clip against the total covariance), scaled so that the normalised latents have zero
-mean and unit variance. The inverse (least squares on the same data) is folded into
-`post_quant_conv`, so the decoder sees what it saw before. Everything else stays: the architecture,
-the on-disk diffusers format, Wan's normalisation in model/encoders/vae.py.
+`build_colour_vae` keeps the architecture and the on-disk format (the tiny config of
+model/encoders/vae.py, loaded by the same code as the official VAE) and sets every weight:
+
+- encoder: each latent cell is the mean colour of its 8 x 8 pixel patch, over the frames it covers
+  (frame 0 alone, then 4 frames per latent frame, as Wan's causal VAE groups them). `conv_in` copies
+  RGB, every 2D downsample averages 2 x 2, every temporal downsample averages 2 frames, and every
+  residual branch and the attention are zeroed so the blocks pass their input on.
+- the two places a nonlinearity cannot be zeroed away, the RMS norm + SiLU before each `conv_out`,
+  are made exact: a constant channel of size `CONSTANT` dominates the norm (so it divides by about
+  `CONSTANT` whatever the colour; error <= 3 / CONSTANT**2), and each colour enters twice, with the
+  norm's gamma +1 and -1, because SiLU(u) - SiLU(-u) = u for every u.
+- `quant_conv` whitens the three colour channels over the given clips (mean 0, identity covariance
+  after Wan's per-channel normalisation, model/encoders/vae.py); the other 13 latent channels are 0.
+  `post_quant_conv` undoes it, and the decoder upsamples by repeating cells (nearest-neighbour
+  upsampling, copying convolutions, each temporal upsample writing its frame twice).
+
+So decode(encode(video)) is the video's block average: 8 x 8 pixels, frame 0 and then groups of 4
+frames, exact to ~1e-4. Coarse, but what the frames show survives both ways.
 """
 from __future__ import annotations
 
@@ -22,75 +32,166 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-RIDGE = 1e-6
-"""Relative ridge on the total covariance (a random encoder's features can be nearly collinear)."""
+
+CONSTANT = 100.0
+"""The constant channel the RMS norms see beside the colours (pixels in [-1, 1])."""
+COLOURS = 3
+RGB, CONST, RGB_AGAIN = slice(0, 3), 3, slice(4, 7)
+"""Channel layout wherever a norm + SiLU follows: colour, the constant, the colour again (negated by gamma)."""
+LOGVAR = -30.0
+"""The posterior's log-variance: sampling the latent distribution gives its mean."""
 
 
-def across_clip_share(latents: torch.Tensor) -> float:
-    """latents [N, C, F, h, w] of N clips: the share of their variance that differs between clips
-    (1 - the share of the per-position mean over clips)."""
-    return float(latents.var(0, unbiased=False).mean() / latents.var(unbiased=False))
+def _zero(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.zero_()
 
 
-@torch.no_grad()
-def encoder_features(model, videos: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The encoder outputs (`quant_conv`'s input) of each video: [N, P, 2Z], P latent positions."""
+def _copy(weight: torch.Tensor, tap: tuple, scale: float = 1.0) -> None:
+    """weight [out, in, *kernel] := `scale` x identity on the shared channels at kernel position `tap`."""
+    weight.zero_()
+    n = min(weight.shape[0], weight.shape[1])
+    weight[(torch.arange(n), torch.arange(n), *tap)] = scale
+
+
+def _current_tap(conv) -> tuple:
+    """The kernel position of a causal 3D conv that reads the current frame at the same pixel."""
+    kt, kh, kw = conv.weight.shape[2:]
+    return (kt - 1, kh // 2, kw // 2)
+
+
+def _set_passthrough(model) -> None:
+    """Every residual branch and attention adds 0; shortcuts, downsamples and upsamples copy / average."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import (  # noqa: PLC0415
+        WanAttentionBlock, WanResample, WanResidualBlock)
+    for module in model.modules():
+        if isinstance(module, WanResidualBlock):
+            _zero(module.conv2)
+            if not isinstance(module.conv_shortcut, torch.nn.Identity):
+                _copy(module.conv_shortcut.weight, (0, 0, 0))
+                module.conv_shortcut.bias.zero_()
+        elif isinstance(module, WanAttentionBlock):
+            _zero(module.proj)
+        elif isinstance(module, WanResample) and module.mode != "none":
+            conv = module.resample[-1]
+            conv.bias.zero_()
+            if module.mode.startswith("downsample"):  # zero-pad right / bottom, 3x3 stride 2: taps 0, 1 = 2x2 mean
+                conv.weight.zero_()
+                for dy in (0, 1):
+                    for dx in (0, 1):
+                        conv.weight[(torch.arange(conv.weight.shape[0]),) * 2 + (dy, dx)] = 0.25
+            else:
+                _copy(conv.weight, (1, 1))
+            if hasattr(module, "time_conv"):
+                tc = module.time_conv
+                tc.bias.zero_()
+                tc.weight.zero_()
+                c = tc.weight.shape[1]
+                if module.mode == "downsample3d":  # stride 2 over [previous, a, b]: the mean of a and b
+                    for tap in (1, 2):
+                        tc.weight[(torch.arange(c), torch.arange(c), tap, 0, 0)] = 0.5
+                else:  # upsample3d: 2c outputs = two frames, both the current one
+                    for half in (0, 1):
+                        tc.weight[(half * c + torch.arange(c), torch.arange(c), 2, 0, 0)] = 1.0
+
+
+def _set_colour_input(conv) -> None:
+    """conv_in: colour into RGB and RGB_AGAIN, CONSTANT into CONST (input: RGB channels first)."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    tap = _current_tap(conv)
+    for c in range(COLOURS):
+        for out in (RGB.start + c, RGB_AGAIN.start + c):
+            conv.weight[(out, c, *tap)] = 1.0
+    conv.bias[CONST] = CONSTANT
+
+
+def _set_colour_head(norm, conv) -> None:
+    """RMS norm + SiLU + conv_out that give back the colour: gamma +1 / -1 on its two copies, and
+    conv_out takes the difference, times CONSTANT / sqrt(C) (the norm divided by ~CONSTANT)."""
+    norm.gamma.fill_(1.0)
+    norm.gamma[RGB_AGAIN] = -1.0
+    scale = CONSTANT / norm.scale  # norm.scale = sqrt(channels)
+    conv.weight.zero_()
+    conv.bias.zero_()
+    tap = _current_tap(conv)
+    for c in range(COLOURS):
+        conv.weight[(c, RGB.start + c, *tap)] = scale
+        conv.weight[(c, RGB_AGAIN.start + c, *tap)] = -scale
+
+
+def _encoder_colours(model, videos: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The encoder's colour channels for every latent cell of every video: [cells, 3] float64."""
     feats = []
-    hook = model.quant_conv.register_forward_hook(lambda mod, args, out: feats.append(args[0]))
+    hook = model.quant_conv.register_forward_hook(lambda mod, args, out: feats.append(args[0][:, :COLOURS]))
     try:
         for video in videos:
             model.encode(video.float())
     finally:
         hook.remove()
-    return torch.cat([f.flatten(2).transpose(1, 2) for f in feats]).double()
+    return torch.cat([f.transpose(0, 1).reshape(COLOURS, -1).t() for f in feats]).double()
 
 
 @torch.no_grad()
-def calibrate_tiny_vae(vae_dir: Path, videos: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Rewrite the diffusers AutoencoderKLWan in `vae_dir` in place (module docstring). videos:
-    [1, 3, T, H, W] in [-1, 1], all the same size (at least two clips). Returns the latents'
-    across-clip variance share before and after."""
+def build_colour_vae(vae_dir: Path, videos: Iterable[torch.Tensor]) -> dict[str, list[float]]:
+    """Set the weights of the diffusers AutoencoderKLWan in `vae_dir` in place (module docstring).
+    videos: [1, 3, T, H, W] in [-1, 1] (T = 1 + 4k), whose latent colours get mean 0 and identity
+    covariance. Returns the colour mean and the whitening's singular values, for the log."""
     from diffusers import AutoencoderKLWan  # noqa: PLC0415
 
     from model.encoders.vae import WAN_VAE_LATENT_MEAN, WAN_VAE_LATENT_STD  # noqa: PLC0415
     model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=torch.float32, local_files_only=True).eval()
-    h = encoder_features(model, videos)                                   # [N, P, D]
-    n, p, d = h.shape
-    if n < 2:
-        raise ValueError("calibrating the tiny VAE needs at least two clips")
-    q, pq, z = model.quant_conv, model.post_quant_conv, model.config.z_dim
-    w_old, b_old = q.weight[:z, :, 0, 0, 0].double(), q.bias[:z].double()
-    mu_old = h @ w_old.T + b_old                                          # [N, P, Z]
-    wan_mean, wan_std = torch.tensor(WAN_VAE_LATENT_MEAN).double(), torch.tensor(WAN_VAE_LATENT_STD).double()
-    share_before = float(((mu_old - mu_old.mean(0)) ** 2).mean() / ((mu_old - mu_old.mean((0, 1))) ** 2).mean())
+    z = model.config.z_dim
+    enc, dec = model.encoder, model.decoder
+    if enc.conv_in.weight.shape[0] < RGB_AGAIN.stop or dec.conv_out.weight.shape[1] < RGB_AGAIN.stop:
+        raise ValueError(f"the colour VAE needs base_dim >= {RGB_AGAIN.stop}, got {model.config.base_dim}")
+    _set_passthrough(model)
+    _set_colour_input(enc.conv_in)
+    _set_colour_head(enc.norm_out, enc.conv_out)
+    _copy(model.quant_conv.weight, (0, 0, 0))      # provisional: colours straight through, for the fit
+    model.quant_conv.bias.zero_()
 
-    flat = h.reshape(-1, d)
-    centre = flat.mean(0)
-    total = torch.cov(flat.T, correction=0)
-    across = torch.cov((h - h.mean(0)).reshape(-1, d).T, correction=0)
-    total = total + RIDGE * total.diagonal().mean() * torch.eye(d, dtype=total.dtype)
-    # maximise w' across w / w' total w: whiten by the total covariance, then eigh
-    evals, evecs = torch.linalg.eigh(total)
-    whiten = evecs / evals.sqrt()                                         # total^(-1/2) columns
-    shares, dirs = torch.linalg.eigh(whiten.T @ across @ whiten)
-    w_new = (whiten @ dirs[:, -z:].flip(1)).T                             # [Z, D], unit total variance
-    w_new = w_new * wan_std[:, None]                                      # normalised latents ~ N(0, 1)
-    b_new = wan_mean - w_new @ centre
-    q.weight[:z] = w_new.view(z, d, 1, 1, 1).float()
-    q.bias[:z] = b_new.float()
+    colours = _encoder_colours(model, videos)       # [cells, 3]
+    if len(colours) < 2:
+        raise ValueError("building the colour VAE needs at least two latent cells of data")
+    mean = colours.mean(0)
+    cov = torch.cov(colours.t(), correction=0) + 1e-6 * torch.eye(COLOURS, dtype=colours.dtype)
+    evals, evecs = torch.linalg.eigh(cov)
+    whiten = evecs @ torch.diag(evals.rsqrt()) @ evecs.t()   # symmetric: latent channel c stays colour c
+    wan_mean = torch.tensor(WAN_VAE_LATENT_MEAN, dtype=torch.float64)
+    wan_std = torch.tensor(WAN_VAE_LATENT_STD, dtype=torch.float64)
 
-    # the decoder's input: the old posterior mean, from the new one by least squares
-    mu_new = (h @ w_new.T + b_new).reshape(-1, z)
-    design = torch.cat([mu_new, torch.ones(len(mu_new), 1, dtype=mu_new.dtype)], 1)
-    fit = torch.linalg.lstsq(design, mu_old.reshape(-1, z)).solution      # [Z + 1, Z]
-    a, c = fit[:z].T, fit[z]                                              # mu_old ~ a mu_new + c
-    w_pq, b_pq = pq.weight[:, :, 0, 0, 0].double(), pq.bias.double()
-    pq.weight[:, :, 0, 0, 0] = (w_pq @ a).float()
-    pq.bias[:] = (w_pq @ c + b_pq).float()
+    # mu = wan_mean + wan_std * [whiten (colour - mean); 0]: Wan's normalisation gives the whitened colours
+    q = model.quant_conv
+    q.weight.zero_()
+    q.weight[:COLOURS, :COLOURS, 0, 0, 0] = (wan_std[:COLOURS, None] * whiten).float()
+    q.bias[:z] = wan_mean.float()
+    q.bias[:COLOURS] = (wan_mean[:COLOURS] - wan_std[:COLOURS] * (whiten @ mean)).float()
+    q.bias[z:] = LOGVAR
+    # post_quant_conv: back to colours in channels 0-2; decoder conv_in fans them out as the encoder's did
+    pq = model.post_quant_conv
+    pq.weight.zero_()
+    unwhiten = torch.linalg.inv(whiten)
+    pq.weight[:COLOURS, :COLOURS, 0, 0, 0] = (unwhiten / wan_std[None, :COLOURS]).float()
+    pq.bias.zero_()
+    pq.bias[:COLOURS] = (mean - unwhiten @ (wan_mean[:COLOURS] / wan_std[:COLOURS])).float()
+    _set_colour_input(dec.conv_in)
+    _set_colour_head(dec.norm_out, dec.conv_out)
     model.save_pretrained(str(vae_dir))
-    share_after = float(shares[-z:].mean())
-    log.info("tiny VAE calibrated on %d clips: across-clip share of the latent variance %.4f -> %.4f",
-             n, share_before, share_after)
-    return {"across_clip_share_before": share_before, "across_clip_share_after": share_after}
+    log.info("demo VAE set: latent colours of %d cells, mean %s, std %s", len(colours),
+             [round(float(v), 3) for v in mean], [round(float(v), 3) for v in evals.sqrt()])
+    return {"colour_mean": [float(v) for v in mean], "colour_std": [float(v) for v in evals.sqrt()]}
+
+
+def block_average(video: torch.Tensor, patch: int = 8, frames: int = 4) -> torch.Tensor:
+    """What decode(encode(video)) of the colour VAE gives: video [B, 3, 1 + frames k, H, W] averaged
+    over patch x patch pixels, frame 0 alone and then groups of `frames`, repeated back to full size."""
+    first, rest = video[:, :, :1], video[:, :, 1:]
+    parts = [F.avg_pool3d(first, (1, patch, patch))]
+    if rest.shape[2]:
+        parts.append(F.avg_pool3d(rest, (frames, patch, patch)))
+    out = [p.repeat_interleave(n, 2) for p, n in zip(parts, (1, frames))]
+    return torch.cat(out, 2).repeat_interleave(patch, 3).repeat_interleave(patch, 4)

@@ -5,8 +5,8 @@
   distribution, 1 = no colour in common. The frames also hold background, so even the training clip
   itself is far from 0; what it shows is the ORDER: a model that paints its subject's colours comes
   closer than one that does not. Colours are binned `bins` per RGB channel over [-1, 1]. It needs a
-  decoder that reconstructs: the demo's tiny VAE decoder is random, so the demo reports the real
-  clip's VAE reconstruction beside the samples as the reachable end.
+  decoder that reconstructs: the demo's VAE (ds_trainer/demo_vae.py) decodes 8 x 8 block averages,
+  so the demo reports the real clip's VAE reconstruction beside the samples as the reachable end.
 - `latent_distances`: each sample's mean squared distance to the latents of its own clip and, on
   average, to the other clips' (in the VAE's normalised latent space, so the decoder plays no part).
 """

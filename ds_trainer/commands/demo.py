@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where everything goes")
     parser.add_argument("--ranks", type=int, default=2, help="CPU processes under deepspeed (default 2)")
     parser.add_argument("--zero", choices=["2", "3", "3-offload"], default="3")
-    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--clips", type=int, default=48, help="synthetic training clips (default 48)")
     parser.add_argument("--job", choices=["opens2v-adapters", "dmd"], default="opens2v-adapters",
                         help="the subject-adapter job (default) or the I2V DMD distillation (configs/tiny_i2v_dmd.yaml)")
 

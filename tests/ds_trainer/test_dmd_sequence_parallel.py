@@ -14,9 +14,13 @@ from tests.ds_trainer.conftest import finished, launch
 pytestmark = pytest.mark.slow
 PROBE = "tests.ds_trainer.dmd_sp_probe_train"
 SETS = ("max_iters=3", "log_iters=100")  # generator updates at steps 0 and 2, the critic every step
-RTOL = 1e-4
-"""float32: measured largest relative difference 1.5e-5 (generator_loss at step 2, a difference of
-two scores); the float64 rollout parity (tests/model/test_sequence_parallel.py) is 1e-15."""
+RTOL_FIRST, RTOL_LATER = 2e-5, 1e-3
+"""float32. The first step, before any update, compares the SP forward and backward alone: measured
+largest relative difference 3.8e-6. Later steps follow Adam updates, which scale every gradient to
+unit size and so carry float32 reordering noise from the all-to-alls forward: 2.4e-4 measured
+(generator_loss at step 3), data-dependent (1.5e-5 on the earlier demo data). A gradient scaled by K
+or a missing SP sum differs by a factor, far outside both. The float64 rollout parity
+(tests/model/test_sequence_parallel.py) is 1e-15."""
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,10 @@ def test_the_sp2_run_gives_the_one_rank_loss_sequence(dmd_sp_runs):
     for key in keys:
         one, two = ([r[key] for r in rows[n] if key in r] for n in ("sp1", "sp2"))
         assert len(one) == (3 if "critic" in key else 2), (key, one)
-        torch.testing.assert_close(torch.tensor(two, dtype=torch.float64), torch.tensor(one, dtype=torch.float64),
-                                   rtol=RTOL, atol=1e-8, msg=lambda m: f"{key}: {m}")
+        for step, (a, b) in enumerate(zip(two, one)):
+            torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                                       rtol=RTOL_FIRST if step == 0 else RTOL_LATER, atol=1e-8,
+                                       msg=lambda m: f"{key}, logged value {step}: {m}")
 
 
 def test_every_rank_of_the_sp_group_drew_the_same_noise_timesteps_and_exits(dmd_sp_runs):
