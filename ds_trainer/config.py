@@ -179,11 +179,16 @@ class SampleSection:
     """Euler flow-matching steps."""
     fps: int = 8
     """Frame rate of the written mp4."""
+    ref_guidance: Optional[float] = None
+    """Reference guidance of `wanspeed sample --logdir` and the demo's samples: the velocity with the
+    subject references, scaled by this against the one without them (None: plain, no guidance)."""
 
     def __post_init__(self):
         for name in ("steps", "fps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", key=name)
+        if self.ref_guidance is not None and not 0 < self.ref_guidance < float("inf"):
+            raise ConfigError(f"must be a finite number > 0 (or absent), got {self.ref_guidance}", key="ref_guidance")
 
 
 @dataclass

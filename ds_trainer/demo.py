@@ -99,7 +99,8 @@ def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None
     """How close the trained model's samples are to their subjects, against the untrained model's on
     the same seeds and inputs (ds_trainer/subject_likeness.py), over the run's clips: colour distance
     to each subject cut-out (the real clip's VAE reconstruction beside them, the reachable end), and
-    latent distance to the sample's own clip vs the other clips. Over the first `clips` clips."""
+    latent distance to the sample's own clip vs the other clips. Over the first `clips` clips; without
+    guidance, and for the trained model also with the config's `sample.ref_guidance`."""
     from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
     from ds_trainer.config import load_train_config  # noqa: PLC0415
     from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
@@ -125,9 +126,13 @@ def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None
         out = {"clips": len(samples), "colour_distance_vae_reconstruction": mean(recon),
                "colour_distance_real_clip": mean([colour_distance(s["subject_images"][0], s["video"].float())
                                                   for s in samples])}
-        for name, model in models.items():
+        runs = [(name, model, None) for name, model in models.items()]
+        if cfg.sample.ref_guidance is not None:  # the untrained model's references add exactly 0: no row
+            runs.append((f"trained_ref_guidance_{cfg.sample.ref_guidance:g}", models["trained"], cfg.sample.ref_guidance))
+        for name, model, ref_guidance in runs:
             latents = [sample_video(model, i, steps or cfg.sample.steps, cfg.timestep_shift,
-                                    torch.Generator().manual_seed(cfg.seed + k)) for k, i in enumerate(inputs)]
+                                    torch.Generator().manual_seed(cfg.seed + k), ref_guidance=ref_guidance)
+                       for k, i in enumerate(inputs)]
             colour = [colour_distance(s["subject_images"][0], encoders.vae.decode(x)[0].float())
                       for s, x in zip(samples, latents)]
             own, other = latent_distances(torch.cat(latents), clips)

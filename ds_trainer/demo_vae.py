@@ -17,10 +17,14 @@ model/encoders/vae.py, loaded by the same code as the official VAE) and sets eve
   are made exact: a constant channel of size `CONSTANT` dominates the norm (so it divides by about
   `CONSTANT` whatever the colour; error <= 3 / CONSTANT**2), and each colour enters twice, with the
   norm's gamma +1 and -1, because SiLU(u) - SiLU(-u) = u for every u.
-- `quant_conv` whitens the three colour channels over the given clips (mean 0, identity covariance
-  after Wan's per-channel normalisation, model/encoders/vae.py); the other 13 latent channels are 0.
-  `post_quant_conv` undoes it, and the decoder upsamples by repeating cells (nearest-neighbour
-  upsampling, copying convolutions, each temporal upsample writing its frame twice).
+- `quant_conv` whitens the three colour channels over the given clips and spreads them over all 16
+  latent channels (`latent_embedding`: orthonormal directions, unit variance per channel on
+  average after Wan's per-channel normalisation, model/encoders/vae.py), as a real VAE uses every
+  channel: 3 colour channels beside 13 channels of zeros left most of the flow-matching loss on
+  channels that carry nothing (measured: 13 of 16 channels at ~0.87 each, diluting ref_gain from
+  1.34 on the colour channels to 1.10). `post_quant_conv` undoes it on the embedding's span, and the
+  decoder upsamples by repeating cells (nearest-neighbour upsampling, copying convolutions, each
+  temporal upsample writing its frame twice).
 
 So decode(encode(video)) is the video's block average: 8 x 8 pixels, frame 0 and then groups of 4
 frames, exact to ~1e-4. Coarse, but what the frames show survives both ways.
@@ -123,6 +127,16 @@ def _set_colour_head(norm, conv) -> None:
         conv.weight[(c, RGB_AGAIN.start + c, *tap)] = -scale
 
 
+def latent_embedding(z: int, seed: int = 0) -> torch.Tensor:
+    """[z, 3] float64: how the whitened colours spread over the z latent channels. Orthonormal columns
+    times sqrt(z / 3), so every channel carries colour (unit variance on average, as a real VAE's
+    channels do) instead of 3 channels holding it and z - 3 holding zeros, which the model would
+    have to learn to predict as such."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(z, COLOURS, generator=g, dtype=torch.float64))
+    return q * (z / COLOURS) ** 0.5
+
+
 def _encoder_colours(model, videos: Iterable[torch.Tensor]) -> torch.Tensor:
     """The encoder's colour channels for every latent cell of every video: [cells, 3] float64."""
     feats = []
@@ -139,7 +153,7 @@ def _encoder_colours(model, videos: Iterable[torch.Tensor]) -> torch.Tensor:
 def build_colour_vae(vae_dir: Path, videos: Iterable[torch.Tensor]) -> dict[str, list[float]]:
     """Set the weights of the diffusers AutoencoderKLWan in `vae_dir` in place (module docstring).
     videos: [1, 3, T, H, W] in [-1, 1] (T = 1 + 4k), whose latent colours get mean 0 and identity
-    covariance. Returns the colour mean and the whitening's singular values, for the log."""
+    covariance. Returns the colour mean and standard deviations along the principal axes, for the log."""
     from diffusers import AutoencoderKLWan  # noqa: PLC0415
 
     from model.encoders.vae import WAN_VAE_LATENT_MEAN, WAN_VAE_LATENT_STD  # noqa: PLC0415
@@ -164,20 +178,21 @@ def build_colour_vae(vae_dir: Path, videos: Iterable[torch.Tensor]) -> dict[str,
     wan_mean = torch.tensor(WAN_VAE_LATENT_MEAN, dtype=torch.float64)
     wan_std = torch.tensor(WAN_VAE_LATENT_STD, dtype=torch.float64)
 
-    # mu = wan_mean + wan_std * [whiten (colour - mean); 0]: Wan's normalisation gives the whitened colours
+    # normalised latent n = embed whiten (colour - mean); mu = wan_mean + wan_std * n (Wan's normalisation
+    # then gives n back); post_quant_conv inverts it on the embedding's span
+    embed = latent_embedding(z)                                       # [z, 3]
+    to_latent = embed @ whiten                                        # [z, 3]
     q = model.quant_conv
     q.weight.zero_()
-    q.weight[:COLOURS, :COLOURS, 0, 0, 0] = (wan_std[:COLOURS, None] * whiten).float()
-    q.bias[:z] = wan_mean.float()
-    q.bias[:COLOURS] = (wan_mean[:COLOURS] - wan_std[:COLOURS] * (whiten @ mean)).float()
+    q.weight[:z, :COLOURS, 0, 0, 0] = (wan_std[:, None] * to_latent).float()
+    q.bias[:z] = (wan_mean - wan_std * (to_latent @ mean)).float()
     q.bias[z:] = LOGVAR
-    # post_quant_conv: back to colours in channels 0-2; decoder conv_in fans them out as the encoder's did
     pq = model.post_quant_conv
     pq.weight.zero_()
-    unwhiten = torch.linalg.inv(whiten)
-    pq.weight[:COLOURS, :COLOURS, 0, 0, 0] = (unwhiten / wan_std[None, :COLOURS]).float()
+    from_latent = torch.linalg.inv(whiten) @ torch.linalg.pinv(embed)  # [3, z]
+    pq.weight[:COLOURS, :z, 0, 0, 0] = (from_latent / wan_std[None, :]).float()
     pq.bias.zero_()
-    pq.bias[:COLOURS] = (mean - unwhiten @ (wan_mean[:COLOURS] / wan_std[:COLOURS])).float()
+    pq.bias[:COLOURS] = (mean - from_latent @ (wan_mean / wan_std)).float()
     _set_colour_input(dec.conv_in)
     _set_colour_head(dec.norm_out, dec.conv_out)
     model.save_pretrained(str(vae_dir))

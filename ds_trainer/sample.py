@@ -264,15 +264,23 @@ def load_trained_generator(cfg, checkpoint: Path):
 
 
 @torch.no_grad()
-def sample_video(model, inputs, steps: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Euler flow-matching sampling from noise: returns latents shaped like inputs.latents."""
+def sample_video(model, inputs, steps: int, shift: float, generator: torch.Generator,
+                 ref_guidance: Optional[float] = None) -> torch.Tensor:
+    """Euler flow-matching sampling from noise: returns latents shaped like inputs.latents. With
+    `ref_guidance` g2 the velocity is u(-) + g2 (u(refs) - u(-)), u(-) without the references
+    (guided_flow's formula at guidance 1)."""
     from model.flow_matching import FlowMatchingScheduler  # noqa: PLC0415
     sch = FlowMatchingScheduler(shift=shift)
     x = torch.randn(inputs.latents.shape, generator=generator)
     sigmas = sch.sampling_sigmas(steps)
     b = x.shape[0]
+    plain = without_references(inputs.cond) if ref_guidance is not None else None
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        flow = model(x, sch.timestep(s).expand(b), inputs.cond)
+        t = sch.timestep(s).expand(b)
+        flow = model(x, t, inputs.cond)
+        if plain is not None:
+            without = model(x, t, plain)
+            flow = without + ref_guidance * (flow - without)
         x = sch.euler_step(x, flow, s.expand(b), s_next.expand(b))
     return x
 
@@ -293,7 +301,7 @@ def write_mp4(video: torch.Tensor, subject: Optional[torch.Tensor], path: Path, 
 
 def run_logdir(args) -> int:
     """`wanspeed sample --logdir DIR`: a dataset sample's prompt and subject through the newest
-    (or `--checkpoint`) checkpoint of a run, few-step Euler without guidance."""
+    (or `--checkpoint`) checkpoint of a run, few-step Euler, with the config's `sample.ref_guidance`."""
     from data.opens2v import collate_opens2v_batch  # noqa: PLC0415
     from ds_trainer.config import load_train_config, trainer_class  # noqa: PLC0415
     from ds_trainer.datasets import opens2v_dataset  # noqa: PLC0415
@@ -312,7 +320,7 @@ def run_logdir(args) -> int:
     inputs = inputs_from_batch(collate_opens2v_batch([sample]), encoders, torch.device("cpu"),
                                model.config.reference_paths.clip)
     latents = sample_video(model, inputs, args.steps or cfg.sample.steps, cfg.timestep_shift,
-                           torch.Generator().manual_seed(cfg.seed))
+                           torch.Generator().manual_seed(cfg.seed), ref_guidance=cfg.sample.ref_guidance)
     video = encoders.vae.decode(latents)[0].float()
     out = write_mp4(video, sample["subject_images"][0], args.out or args.logdir / "sample.mp4", cfg.sample.fps)
     print(f"wrote {out} ({video.shape[1]} frames, prompt: {sample['prompt']!r}, checkpoint {Path(ckpt).name})")

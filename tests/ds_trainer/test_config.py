@@ -82,6 +82,7 @@ def test_a_seed_alias_and_its_name_together_are_an_error(tmp_path):
     ("adapter: {adapter_type: dora}", "adapter.adapter_type"),
     ("wandb: {mode: onlin}", "wandb.mode"),
     ("sample: {steps: 0}", "sample.steps"),
+    ("sample: {ref_guidance: -1}", "sample.ref_guidance"),
     ("sample: {enabled: true}", "sample.enabled"),
     ("encoders: {t5: a, vae: b, clip: c, dtype: fp8}", "encoders.dtype"),
     ("zero: '4'", "zero"),
