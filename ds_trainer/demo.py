@@ -118,7 +118,7 @@ def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None
     samples = [dataset[i] for i in range(min(clips, len(dataset)))]
     use_clip = cfg.wan_config().reference_paths.clip
     inputs = [inputs_from_batch(collate_opens2v_batch([s]), encoders, torch.device("cpu"), use_clip) for s in samples]
-    clips = torch.cat([i.latents for i in inputs])
+    clip_latents = torch.cat([i.latents for i in inputs])
     mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
     with torch.no_grad():
         recon = [colour_distance(s["subject_images"][0], encoders.vae.decode(i.latents)[0].float())
@@ -135,7 +135,7 @@ def measure_likeness(config: Path, checkpoint: Path, steps: Optional[int] = None
                        for k, i in enumerate(inputs)]
             colour = [colour_distance(s["subject_images"][0], encoders.vae.decode(x)[0].float())
                       for s, x in zip(samples, latents)]
-            own, other = latent_distances(torch.cat(latents), clips)
+            own, other = latent_distances(torch.cat(latents), clip_latents)
             out[name] = {"colour_distance": mean(colour), "latent_mse_own_clip": round(own, 4),
                          "latent_mse_other_clips": round(other, 4)}
     return out
