@@ -174,7 +174,7 @@ def build_colour_vae(vae_dir: Path, videos: Iterable[torch.Tensor]) -> dict[str,
     mean = colours.mean(0)
     cov = torch.cov(colours.t(), correction=0) + 1e-6 * torch.eye(COLOURS, dtype=colours.dtype)
     evals, evecs = torch.linalg.eigh(cov)
-    whiten = evecs @ torch.diag(evals.rsqrt()) @ evecs.t()   # symmetric: latent channel c stays colour c
+    whiten = evecs @ torch.diag(evals.rsqrt()) @ evecs.t()   # symmetric (ZCA) whitening
     wan_mean = torch.tensor(WAN_VAE_LATENT_MEAN, dtype=torch.float64)
     wan_std = torch.tensor(WAN_VAE_LATENT_STD, dtype=torch.float64)
 
