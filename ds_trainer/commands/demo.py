@@ -16,6 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the subject-adapter job (default) or the I2V DMD distillation (configs/tiny_i2v_dmd.yaml)")
 
 
+REF_GAIN_REPEATS = 4
+"""Noise / timestep draws per sample of every ref_gain the demo reports."""
+HELDOUT_VALIDATION_EVERY = 240
+"""Steps between the training run's held-out ref_gain validations (and one before the first step)."""
+
+
 def run(args: argparse.Namespace) -> int:
     if args.job == "dmd":
         return run_dmd(args)
@@ -36,12 +42,15 @@ def run(args: argparse.Namespace) -> int:
         cache.run(argparse.Namespace(config=str(cfg_path), shard_size=32, local_rank=None))
     times["cache"] = time.perf_counter() - t0 - sum(times.values())
     caches = {"train_clips": root / "cache", "heldout_clips": root / "cache_heldout"}
-    gain = {"untrained": {name: measure_ref_gain(config, d) for name, d in caches.items()}}
+    gain = {"untrained": {name: measure_ref_gain(config, d, repeats=REF_GAIN_REPEATS) for name, d in caches.items()}}
     logdir = root / "run"
-    launch_training(config, logdir, args.ranks, args.zero, extra=["--no-auto-resume"])
+    # held-out ref_gain at every validation, on the draws the before/after measurement uses
+    validation = (f"validation={{every: {HELDOUT_VALIDATION_EVERY}, ref_gain_cache_dir: '{caches['heldout_clips']}', "
+                  f"ref_gain_samples: {gain['untrained']['heldout_clips'].samples}, ref_gain_repeats: {REF_GAIN_REPEATS}}}")
+    launch_training(config, logdir, args.ranks, args.zero, extra=["--no-auto-resume", "--set", validation])
     times["train"] = time.perf_counter() - t0 - sum(times.values())
     final = AdapterTrainer.list_checkpoints(logdir)[-1]
-    gain["trained"] = {name: measure_ref_gain(config, d, final) for name, d in caches.items()}
+    gain["trained"] = {name: measure_ref_gain(config, d, final, repeats=REF_GAIN_REPEATS) for name, d in caches.items()}
     likeness = measure_likeness(config, final)
     times["ref_gain+likeness"] = time.perf_counter() - t0 - sum(times.values())
     png = plot_loss(logdir)
@@ -50,9 +59,17 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(read_metrics(logdir))
     print(json.dumps({"logdir": str(logdir), "loss_curve": str(png), "sample": str(logdir / "sample.mp4"),
                       "loss": summary, "ref_gain": _ref_gain_table(gain),
+                      "heldout_ref_gain_during_training": _validation_curve(logdir),
                       "subject_likeness": likeness, "seconds": {k: round(v, 1) for k, v in times.items()},
                       "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0 if summary and summary["relative_drop"] > 0 else 1
+
+
+def _validation_curve(logdir: Path) -> list[dict]:
+    """[{step, ref_gain}] of the run's validations (validation.jsonl, written by rank 0)."""
+    path = logdir / "validation.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [{"step": r["step"], "ref_gain": round(r["ref_gain"], 4)} for r in rows if "ref_gain" in r]
 
 
 def _ref_gain_table(gain: dict) -> dict:
