@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kernels.bench.harness import Case, Row, report, write_json
+from kernels.bench.harness import Case, Row, report, synchronize, write_json
 from model.causal import CausalConfig, CausalWanModel, frame_blocks
 from model.conditioning import Conditioning
 from model.config import PRESETS
@@ -56,10 +56,6 @@ SHAPES = {
 }
 
 
-def default_shapes(device: torch.device) -> str:
-    return "wan-1.3b" if device.type == "cuda" else "tiny"
-
-
 def _model(shape: CausalBlockShape, device: torch.device, dtype: torch.dtype) -> CausalWanModel:
     cfg = PRESETS[shape.preset]
     torch.manual_seed(0)
@@ -82,11 +78,6 @@ def _inputs(model: CausalWanModel, shape: CausalBlockShape, device: torch.device
     return noise, Conditioning(context=context)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def _rollout(model: CausalWanModel, noise: torch.Tensor, cond: Conditioning, blocks, device) -> tuple[list, torch.Tensor]:
     """Every block through a fresh cache at one timestep; (ms of each block, the last block's output)."""
@@ -95,10 +86,10 @@ def _rollout(model: CausalWanModel, noise: torch.Tensor, cond: Conditioning, blo
     t = torch.full((noise.shape[0],), 500.0, device=device)
     times, out = [], None
     for start, end in blocks:
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = model.forward_block(noise[:, :, start:end], t, start, caches, cross)
-        _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times, out
 

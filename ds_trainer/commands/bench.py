@@ -107,7 +107,8 @@ def _run_data(args: argparse.Namespace) -> int:
 def _run_causal_block(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from model.causal_bench import bench_causal_block, default_shapes, format_rows, write_results  # noqa: PLC0415
+    from kernels.bench.harness import default_shapes  # noqa: PLC0415
+    from model.causal_bench import bench_causal_block, format_rows, write_results  # noqa: PLC0415
 
     shapes = args.shapes or default_shapes(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     overrides = {k: v for k, v in (("frames", args.frames), ("block", args.block), ("window", args.window),

@@ -52,21 +52,27 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): timings end here."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def default_shapes(device: torch.device) -> str:
+    """The shape set a bench runs without --shapes: the real model's on a GPU, tiny on CPU."""
+    return "wan-1.3b" if device.type == "cuda" else "tiny"
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
     """Median wall time of fn() in milliseconds."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

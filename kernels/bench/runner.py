@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from kernels.bench.harness import Row, write_json
+from kernels.bench.harness import Row, default_shapes, write_json
 
 log = logging.getLogger(__name__)
 # bench name -> module with `run(shapes: str, device: torch.device) -> list[Row]`
@@ -56,10 +56,6 @@ def shape_sets() -> dict[str, tuple[str, ...]]:
 def all_shape_sets() -> list[str]:
     """Every shape set some bench defines, in the order the benches list them."""
     return list(dict.fromkeys(n for sets in shape_sets().values() for n in sets))
-
-
-def default_shapes(device: torch.device) -> str:
-    return "wan-1.3b" if device.type == "cuda" else "tiny"
 
 
 def select(shapes: str, only: Optional[list[str]] = None) -> list[str]:
