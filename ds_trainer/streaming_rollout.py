@@ -65,7 +65,6 @@ class Window:
 @dataclass
 class _Stream:
     caches: list
-    cross: tuple
     cond: Conditioning
     uncond: Conditioning
     window: torch.Tensor
@@ -100,8 +99,8 @@ class StreamingRollout:
         fit = [n for n in self.choices if self.stream.frames + n <= s.max_length]
         new = broadcast_object(fit[int(torch.randint(len(fit), (1,), generator=draw_rng))])
         st = self.stream
-        with torch.set_grad_enabled(grad):  # this step's graph (the last step's was freed by its backward)
-            st.cross = model.cross_attention_cache(st.cond)
+        with torch.set_grad_enabled(grad):  # each step's own graph (the last step's was freed by its backward)
+            cross = model.cross_attention_cache(st.cond)
         block = self.causal.num_frame_per_block
         starts = list(range(st.frames, st.frames + new, block))
         exits = draw_exit_steps(len(starts), len(self.steps), draw_rng, self.same_step, self.last_step_only)
@@ -110,7 +109,7 @@ class StreamingRollout:
         for i, start in enumerate(starts):
             noise = torch.randn((b, 16, block, h, w), generator=rng).to(st.window.device, st.window.dtype)
             y = st.cond.y[:, :, start:start + block] if st.cond.y is not None else None
-            out.append(roll_block(generator, st.caches, st.cross, noise, y, start, self.steps, exits[i],
+            out.append(roll_block(generator, st.caches, cross, noise, y, start, self.steps, exits[i],
                                   self.scheduler, self.context_noise, grad, rng))
         video = torch.cat([st.window[:, :, new:].detach(), *out], dim=2)
         st.frames += new
@@ -133,7 +132,7 @@ class StreamingRollout:
             out.append(roll_block(generator, caches, cross, noise, cond.y[:, :, start:end], start, self.steps,
                                   exits[index], self.scheduler, self.context_noise, grad, rng, clean=image))
         video = torch.cat(out, dim=2)
-        self.stream = _Stream(caches, cross, cond, uncond, video.detach(), s.chunk)
+        self.stream = _Stream(caches, cond, uncond, video.detach(), s.chunk)
         window = Window(video, cond.replace(y=cond.y[:, :, :s.chunk]), uncond.replace(y=uncond.y[:, :, :s.chunk]),
                         self._mask(s.chunk - int(causal.independent_first_frame)), s.chunk)
         return window
