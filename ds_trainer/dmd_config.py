@@ -48,6 +48,22 @@ class DMDCausalSection(CausalSection):
     """Frame 0 (the conditioning image) is a block of its own."""
 
 
+@dataclass(frozen=True)
+class StreamingSettings:
+    """LongLive's streaming long tuning, as ds_trainer/streaming_rollout.py runs it."""
+
+    chunk: int
+    """Frames of the loss window (and of a stream's first chunk)."""
+    max_length: int
+    """Frames after which a stream ends."""
+    min_new: int
+    """Fewest new frames per step."""
+
+    def new_frame_choices(self, block: int) -> list[int]:
+        """How many frames a step may add: multiples of the block size in [min_new, chunk]."""
+        return [n for n in range(block, self.chunk + 1, block) if n >= self.min_new]
+
+
 @dataclass
 class DMDConfig(RunConfig):
     """An I2V DMD distillation run: causal generator, critic (fake score), frozen teacher (real score)."""
@@ -210,11 +226,12 @@ class DMDConfig(RunConfig):
                 raise ConfigError(exc.message, key="validation.num_frames") from exc
 
     @property
-    def streaming_chunk(self) -> int:
-        return self.streaming_chunk_size or self.num_training_frames
+    def streaming_settings(self) -> StreamingSettings:
+        return StreamingSettings(self.streaming_chunk_size or self.num_training_frames, self.streaming_max_length,
+                                 self.streaming_min_new_frame)
 
     def _check_streaming(self) -> None:
-        chunk = self.streaming_chunk
+        chunk = self.streaming_settings.chunk
         try:
             self.causal.check_frames(chunk)
         except ConfigError as exc:
@@ -223,7 +240,7 @@ class DMDConfig(RunConfig):
             raise ConfigError(f"must be at least the chunk of {chunk} frames, got {self.streaming_max_length}",
                               key="streaming_max_length")
         block = self.causal.num_frame_per_block
-        if not any(n >= self.streaming_min_new_frame for n in range(block, chunk + 1, block)):
+        if not self.streaming_settings.new_frame_choices(block):
             raise ConfigError(f"no multiple of num_frame_per_block {block} lies in [{self.streaming_min_new_frame}, "
                               f"{chunk}] (the chunk): lower it to at most {chunk // block * block}",
                               key="streaming_min_new_frame")

@@ -238,12 +238,11 @@ class DMDTrainer(Trainer):
         """LongLive's streaming long tuning (ds_trainer/streaming_rollout.py): the stream advances
         once a step (with gradients on generator steps); the generator's DMD loss covers the new
         frames of the window, the critic learns on the whole window."""
-        from ds_trainer.streaming_rollout import StreamingRollout, StreamingSettings, reencode_window  # noqa: PLC0415
+        from ds_trainer.streaming_rollout import StreamingRollout, reencode_window  # noqa: PLC0415
         cfg, row, times = self.cfg, {}, {}
         if getattr(self, "streaming", None) is None:
-            settings = StreamingSettings(cfg.streaming_chunk, cfg.streaming_max_length, cfg.streaming_min_new_frame)
-            self.streaming = StreamingRollout(settings, self.causal, self.steps, self.scheduler, cfg.context_noise,
-                                              cfg.same_step_across_blocks, cfg.last_step_only)
+            self.streaming = StreamingRollout(cfg.streaming_settings, self.causal, self.steps, self.scheduler,
+                                              cfg.context_noise, cfg.same_step_across_blocks, cfg.last_step_only)
         gen = self.engines["generator"]
         gen_step = self.step % cfg.dfake_gen_update_ratio == 0
         draws = step_generator(cfg.seed, self.step, 1, 0)  # new-frame count and exit steps: one draw for every rank

@@ -26,24 +26,11 @@ from typing import Callable, Optional
 import torch
 
 from ds_trainer.distributed import broadcast_object
+from ds_trainer.dmd_config import StreamingSettings
 from ds_trainer.self_forcing import draw_exit_steps, roll_block
 from model.causal import CausalConfig, frame_blocks
 from model.conditioning import Conditioning
 from model.flow_matching import FlowMatchingScheduler
-
-
-@dataclass(frozen=True)
-class StreamingSettings:
-    chunk: int
-    """Frames of the loss window (and of a stream's first chunk)."""
-    max_length: int
-    """Frames after which a stream ends."""
-    min_new: int
-    """Fewest new frames per step."""
-
-    def new_frame_choices(self, block: int) -> list[int]:
-        """How many frames a step may add: multiples of the block size in [min_new, chunk]."""
-        return [n for n in range(block, self.chunk + 1, block) if n >= self.min_new]
 
 
 @dataclass
